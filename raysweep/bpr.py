@@ -1,0 +1,74 @@
+"""BPR-MF through `implicit`, with the paper notebook's protocol and the project's evaluator.
+
+Validation (what a search optimises): fit on the training part, rank the validation item.
+Test: refit on training + validation items (everything but the last), rank the last item.
+Seen items are removed exactly as for the sequential models, since the scores
+(user factors x item factors) go through the same full-rank evaluator.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from raysweep.config import TrialConfig
+from raysweep.metrics import evaluate
+from raysweep.split import Split
+from raysweep.trainer import validation_users
+
+
+def _user_items(split: Split, drop_last: int):
+    """Binary users x items CSR matrix of each user's items except the last `drop_last`."""
+    from scipy.sparse import csr_matrix
+
+    lengths = np.diff(split.offsets) - drop_last
+    keep = np.ones(len(split.items), dtype=bool)
+    for k in range(1, drop_last + 1):
+        keep[split.offsets[1:] - k] = False
+    rows = np.repeat(np.arange(split.num_users), lengths)
+    matrix = csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, split.items[keep])),
+                        shape=(split.num_users, split.num_items + 1))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def _fit(cfg: TrialConfig, user_items, use_gpu: bool):
+    from implicit.bpr import BayesianPersonalizedRanking
+
+    model = BayesianPersonalizedRanking(
+        factors=cfg.factors, learning_rate=cfg.bpr_lr, regularization=cfg.regularization,
+        iterations=cfg.iterations, random_state=cfg.seed, use_gpu=use_gpu,
+        # One thread makes the CPU fit deterministic under a seed (Hogwild updates otherwise).
+        num_threads=0 if use_gpu else 1,
+    )
+    model.fit(user_items, show_progress=False)
+    if use_gpu:
+        model = model.to_cpu()
+    return torch.as_tensor(model.user_factors), torch.as_tensor(model.item_factors)
+
+
+def _metrics(split: Split, users: torch.Tensor, factors, stage: str) -> dict[str, float]:
+    user_f, item_f = factors
+    ends = torch.as_tensor(split.offsets[1:])
+    back = 2 if stage == "val" else 1
+    return evaluate(lambda u: user_f[u].float() @ item_f.float().T, users,
+                    torch.as_tensor(split.items)[ends - back], torch.as_tensor(split.items),
+                    torch.as_tensor(split.offsets[:-1]), torch.as_tensor(np.diff(split.offsets) - back))
+
+
+def run_bpr(cfg: TrialConfig, split: Split) -> dict:
+    """Validation and test metrics of one BPR-MF setting, as `run_trial` reports them."""
+    import implicit.gpu
+
+    use_gpu = bool(implicit.gpu.HAS_CUDA) and cfg.device != "cpu"
+    started = time.perf_counter()
+    val = _metrics(split, validation_users(split.num_users, cfg.val_users, cfg.seed, torch.device("cpu")),
+                   _fit(cfg, _user_items(split, 2), use_gpu), "val")
+    test = _metrics(split, torch.arange(split.num_users), _fit(cfg, _user_items(split, 1), use_gpu), "test")
+    seconds = time.perf_counter() - started
+    history = [{"epoch": cfg.iterations, "loss": float("nan"), "train_seconds": seconds, "val_seconds": 0.0,
+                **{f"val_{k}": v for k, v in val.items()}}]
+    return {"val": val, "test": test, "best_epoch": cfg.iterations, "epochs": cfg.iterations,
+            "train_seconds": seconds, "history": history, "device": "cuda" if use_gpu else "cpu"}

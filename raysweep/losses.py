@@ -1,0 +1,147 @@
+"""The paper's training losses, over hidden states and the tied item-embedding matrix.
+
+Every loss takes hidden states h [B, T, d], labels [B, T] (0 = padding, never a target) and
+the item-embedding weight [num_items + 1, d] (row 0 = padding), and averages over the real
+(non-padded) positions of the batch.
+
+- `bce`: SASRec's original binary cross-entropy, one negative per position (the mean of
+  the positive and the negative term).
+- `ce`: softmax cross-entropy over the whole catalogue (SASRec+), computed in chunks of
+  positions so the tokens x items logits never exist at once in memory.
+- `sampled_ce`: the paper's loss (3), softmax over the positive and N negatives drawn per
+  sequence and shared by all its steps (SASRec+ N).
+
+Negatives come from the items that occur in the training split, never from the user's own
+training window (the paper's rule), and are drawn on the device.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("bce", "ce", "sampled_ce")
+
+# Rows of logits computed at once by the chunked full CE: 4096 x 54,542 items x 4 bytes is
+# under 1 GB; a chunk's size does not change the result, only the peak memory.
+CE_CHUNK_ROWS = 4096
+
+
+def bce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """negatives: [B, T] one item per position."""
+    real = labels > 0
+    h = h[real]
+    pos = (h * weight[labels[real]]).sum(-1)
+    neg = (h * weight[negatives[real]]).sum(-1)
+    return (F.softplus(-pos).mean() + F.softplus(neg).mean()) / 2
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Mean softmax CE of h @ weight.T against labels, one chunk of rows at a time.
+
+    The gradients are computed in the forward pass, chunk by chunk ((softmax - onehot) @ W
+    and its transpose), so neither pass ever holds more than one chunk of logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+        n = h.shape[0]
+        exact = torch.promote_types(h.dtype, torch.float32)  # bf16 logits are summed in fp32
+        total = torch.zeros((), dtype=exact, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        grad_w = torch.zeros_like(weight, dtype=exact) if weight.requires_grad else None
+        for start in range(0, n, chunk):
+            hc, yc = h[start : start + chunk], labels[start : start + chunk]
+            logits = (hc @ weight.T).to(exact)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            probs = torch.exp(logits - lse[:, None])
+            probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
+            probs = probs.to(h.dtype)
+            if grad_h is not None:
+                grad_h[start : start + chunk] = probs @ weight
+            if grad_w is not None:
+                grad_w += (probs.T @ hc).to(exact)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.n = max(n, 1)  # a batch with no target (BERT4Rec masked nothing) has loss 0
+        return total / ctx.n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return (None if grad_h is None else grad_h * scale,
+                None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None)
+
+
+def ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int = CE_CHUNK_ROWS) -> torch.Tensor:
+    """Full-catalogue softmax CE; `weight` rows 1..num_items are the candidates (no padding)."""
+    real = labels > 0
+    candidates = weight[1:]
+    if candidates.dtype != h.dtype:  # under autocast the hidden states may be bf16
+        candidates = candidates.to(h.dtype)
+    return _ChunkedCE.apply(h[real], candidates, labels[real] - 1, chunk)
+
+
+def sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """negatives: [B, N], shared by every step of sequence b (the paper's loss (3))."""
+    real = labels > 0
+    pos = (h * weight[labels]).sum(-1, keepdim=True)  # [B, T, 1]
+    neg = torch.bmm(h, weight[negatives].transpose(1, 2))  # [B, T, N]
+    logits = torch.cat([pos, neg], dim=-1)[real]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=h.device))
+
+
+def _allowed(pool: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """[B, num_items + 1]: pool items that are not in sequence b's training window."""
+    allowed = pool.expand(len(windows), -1).clone()
+    allowed.scatter_(1, windows, False)
+    return allowed
+
+
+def _draws_needed(n: int, pool_size: int, window: int) -> int | None:
+    """How many draws with replacement leave N distinct allowed items (8 sigma), or None
+    when that would take more than 4N draws (N near the pool size: sample densely instead)."""
+    allowed = pool_size - window
+    draws = n + window
+    while draws <= 4 * n:
+        q = 1 - (1 - 1 / pool_size) ** draws  # chance that a given item was drawn
+        if allowed * q - 8 * math.sqrt(allowed * q * (1 - q)) >= n:
+            return draws
+        draws = int(draws * 1.1) + 1
+    return None
+
+
+def shared_negatives(pool: torch.Tensor, pool_items: torch.Tensor, windows: torch.Tensor, n: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """[B, N]: N distinct items per sequence, none in its window (loss (3)'s negatives).
+
+    Uniform without replacement: random keys over the candidates, keep the N smallest. For
+    N well below the pool the candidates are a few more than N draws with replacement,
+    deduplicated (the distinct values of i.i.d. uniform draws are a uniform subset); else
+    the whole catalogue. Both are free of host syncs.
+    """
+    allowed = _allowed(pool, windows)
+    draws = _draws_needed(n, len(pool_items), windows.shape[1])
+    if draws is None:
+        keys = torch.rand(allowed.shape, generator=generator, device=pool.device)
+        keys.masked_fill_(~allowed, 2.0)
+        return keys.topk(n, dim=1, largest=False, sorted=False).indices
+    picks = torch.randint(len(pool_items), (len(windows), draws), generator=generator, device=pool.device)
+    candidates, _ = pool_items[picks].sort(dim=1)
+    usable = allowed.gather(1, candidates)
+    usable[:, 1:] &= candidates[:, 1:] != candidates[:, :-1]
+    keys = torch.rand(candidates.shape, generator=generator, device=pool.device)
+    keys.masked_fill_(~usable, 2.0)
+    return candidates.gather(1, keys.topk(n, dim=1, largest=False, sorted=False).indices)
+
+
+def position_negatives(pool: torch.Tensor, windows: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, steps]: one item per position, with replacement, none in the sequence's window."""
+    allowed = _allowed(pool, windows).float()
+    return torch.multinomial(allowed, steps, replacement=True, generator=generator)

@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_env(tmp_path_factory):
+    """One data cache for the whole session, and the local mirror of upstream (../shared/data)."""
+    assert MIRROR.is_dir(), f"the local data mirror {MIRROR} is missing (tests need ML-1M from it)"
+    os.environ["RAYSWEEP_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
+    os.environ["RAYSWEEP_MIRROR"] = str(MIRROR)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,120 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raysweep import losses
+
+
+def _inputs(seed=0, batch=4, steps=6, items=40, dim=8):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, steps, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(items + 1, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(1, items + 1, (batch, steps), generator=g)
+    labels[0, 4:] = 0  # padding
+    labels[2, 1:] = 0
+    return h, weight, labels
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def _real_positions(labels):
+    return [(b, t) for b in range(labels.shape[0]) for t in range(labels.shape[1]) if labels[b, t] > 0]
+
+
+def test_ce_matches_loop():
+    h, w, labels = _inputs()
+    got = losses.ce(h, labels, w)
+    terms = []
+    for b, t in _real_positions(labels):
+        logits = [float(h[b, t] @ w[i]) for i in range(1, len(w))]
+        lse = math.log(sum(math.exp(x) for x in logits))
+        terms.append(lse - logits[labels[b, t] - 1])
+    assert abs(float(got.detach()) - np.mean(terms)) < 1e-10
+    # Gradients against autograd through the plain formula.
+    real = labels > 0
+    plain = torch.nn.functional.cross_entropy(h[real] @ w[1:].T, labels[real] - 1)
+    for a, b in zip(_grads(got, h, w), _grads(plain, h, w)):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_chunked_ce_equals_plain_in_fp32():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(8, 50, 32, generator=g, requires_grad=True)
+    w = torch.randn(3001, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 3001, (8, 50), generator=g)
+    real = labels > 0
+    chunked = losses.ce(h, labels, w, chunk=97)  # 400 real rows: at least four chunks
+    assert real.sum() > 3 * 97
+    plain = torch.nn.functional.cross_entropy(h[real] @ w[1:].T, labels[real] - 1)
+    assert abs(float(chunked.detach()) - float(plain.detach())) < 1e-6
+    for a, b in zip(_grads(chunked, h, w), _grads(plain, h, w)):
+        assert (a - b).abs().max() < 1e-6
+
+
+def test_sampled_ce_matches_loop():
+    h, w, labels = _inputs()
+    negatives = torch.tensor([[3, 7, 9], [1, 2, 5], [11, 12, 13], [20, 30, 40]])
+    got = losses.sampled_ce(h, labels, w, negatives)
+    terms = []
+    for b, t in _real_positions(labels):
+        logits = [float(h[b, t] @ w[labels[b, t]])] + [float(h[b, t] @ w[n]) for n in negatives[b]]
+        terms.append(math.log(sum(math.exp(x) for x in logits)) - logits[0])
+    assert abs(float(got.detach()) - np.mean(terms)) < 1e-10
+    real = labels > 0
+    logits = torch.cat([(h * w[labels]).sum(-1, keepdim=True), torch.einsum("btd,bnd->btn", h, w[negatives])], -1)
+    plain = torch.nn.functional.cross_entropy(logits[real], torch.zeros(int(real.sum()), dtype=torch.long))
+    for a, b in zip(_grads(got, h, w), _grads(plain, h, w)):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_bce_matches_loop():
+    h, w, labels = _inputs()
+    negatives = torch.randint(1, 41, labels.shape, generator=torch.Generator().manual_seed(3))
+    got = losses.bce(h, labels, w, negatives)
+    pos, neg = [], []
+    for b, t in _real_positions(labels):
+        p = float(h[b, t] @ w[labels[b, t]])
+        n = float(h[b, t] @ w[negatives[b, t]])
+        pos.append(-math.log(1 / (1 + math.exp(-p))))
+        neg.append(-math.log(1 - 1 / (1 + math.exp(-n))))
+    assert abs(float(got.detach()) - (np.mean(pos) + np.mean(neg)) / 2) < 1e-10
+    real = labels > 0
+    sp = torch.nn.functional.softplus
+    plain = (sp(-(h * w[labels]).sum(-1)[real]).mean() + sp((h * w[negatives]).sum(-1)[real]).mean()) / 2
+    for a, b in zip(_grads(got, h, w), _grads(plain, h, w)):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, items", [(30, 1000), (900, 1000)])  # sparse draws, and dense near the pool size
+def test_shared_negatives_are_distinct_pool_items_outside_the_window(n, items):
+    g = torch.Generator().manual_seed(0)
+    pool = torch.ones(items + 1, dtype=torch.bool)
+    pool[0] = False
+    pool[1:50] = False  # items that never occur in training
+    windows = torch.randint(50, items + 1, (64, 21), generator=g)
+    windows[:, 15:] = 0
+    counts = torch.zeros(items + 1)
+    for _ in range(20):
+        neg = losses.shared_negatives(pool, pool.nonzero().squeeze(1), windows, n, g)
+        assert neg.shape == (64, n)
+        assert (neg.sort(1).values.diff(dim=1) > 0).all()  # without replacement
+        assert pool[neg].all()
+        assert not (neg[:, :, None] == windows[:, None, :]).any()
+        counts += torch.bincount(neg.flatten(), minlength=items + 1)
+    # Uniform over the pool: per-item counts within 6 sigma of their mean.
+    c = counts[50:]
+    assert (c - c.mean()).abs().max() < 6 * c.mean().sqrt() + 5
+
+
+def test_position_negatives_avoid_the_window():
+    g = torch.Generator().manual_seed(0)
+    pool = torch.ones(31, dtype=torch.bool)
+    pool[0] = False
+    windows = torch.randint(1, 31, (128, 11), generator=g)
+    neg = losses.position_negatives(pool, windows, 10, g)
+    assert neg.shape == (128, 10) and pool[neg].all()
+    assert not (neg[:, :, None] == windows[:, None, :]).any()

@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "raysweep.train", *args], capture_output=True, text=True)
+
+
+def test_trial_writes_metrics_and_history(tmp_path):
+    result = _run("--dataset", "synthetic-chains", "--loss", "sampled_ce", "--negatives", "20", "--max-epochs", "2",
+                  "--hidden", "16", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "epoch   2 | loss" in result.stdout and "val ndcg@10" in result.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["label"] == "SASRec+ 20" and metrics["config"]["negatives"] == 20
+    assert metrics["config"]["max_len"] == 20 and set(metrics["test"]) >= {"hr@10", "ndcg@100", "mrr@10"}
+    history = pd.read_parquet(tmp_path / "history.parquet")
+    assert list(history["epoch"]) == [1, 2] and "val_ndcg@10" in history
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--dataset", "beauty", "--model", "bpr", "--loss", "ce"], "model 'bpr' (BPR-MF) takes no loss"),
+    (["--dataset", "beauty", "--loss", "sampled_ce", "--negatives", "0"], "needs negatives N >= 1"),
+    (["--dataset", "beauty", "--loss", "sampled_ce"], "needs negatives N >= 1"),
+    (["--dataset", "beauty", "--loss", "ce", "--negatives", "5"], "only applies to loss 'sampled_ce'"),
+    (["--dataset", "synthetic-chains", "--loss", "sampled_ce", "--negatives", "300"], "N=300 negatives is more than the pool allows"),
+    (["--dataset", "beauty", "--model", "sasrec"], "needs a loss"),
+    (["--dataset", "beauty", "--loss", "ce", "--hidden", "30", "--heads", "4"], "not divisible by 4 heads"),
+])
+def test_impossible_settings_are_one_line_exit_2(tmp_path, args, message):
+    result = _run(*args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
