@@ -48,16 +48,22 @@ class TrialConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form tags (sweep stage, ...)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "trial") -> TrialConfig:
+    def check_keys(cls, values: dict[str, Any], where: str) -> None:
+        """Refuse unknown settings and values of the wrong type (None passes: "use the default")."""
         known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
+        for key, value in values.items():
             if key not in known:
                 raise UserError(f"{where}: unknown setting {key!r} (known: {', '.join(known)})")
+            if value is not None:
+                _check_type(key, value, known[key].type, where)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "trial") -> TrialConfig:
+        cls.check_keys(values, where)
         if "dataset" not in values:
             raise UserError(f"{where}: missing setting 'dataset'")
-        for key, value in values.items():
-            _check_type(key, value, known[key].type, where)
-        return cls(**values).resolved(where)
+        # None means "the default" (e.g. negatives: null in a sweep file for a non-sampled loss).
+        return cls(**{k: v for k, v in values.items() if v is not None}).resolved(where)
 
     def resolved(self, where: str = "trial") -> TrialConfig:
         """Fill the paper's defaults and refuse impossible combinations."""

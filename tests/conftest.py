@@ -25,3 +25,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One two-node local Ray cluster for every sweep test (ray.init costs seconds; share it).
+
+    The head has a logical GPU (num_gpus=1) so fractional-GPU scheduling can be checked on a
+    machine without one. Only what this fixture started is stopped at the end.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2, resources={"worker_node": 2})
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()

@@ -1,0 +1,170 @@
+"""The paper's Table 2, Figure 1 and Figure 2 from a run directory.
+
+    python -m raysweep.report RUN_DIR
+
+writes RUN_DIR/report/: table2.md and table2.csv (per dataset: Model | HR@10 | HR@100 |
+NDCG@10 | NDCG@100 | Training time (s) | Best epoch; mean ± std over seeds), figure2.png
+(test NDCG@10 against N on a log axis, SASRec+, SASRec and BERT4Rec as reference lines) and
+figure1.png (validation NDCG@10 by epoch per model). Only the seeds stage enters Table 2;
+failed trials are listed under it.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raysweep.atomic import atomic_write
+from raysweep.errors import UserError, cli
+from raysweep.results import read_results
+
+PAPER_ORDER = ["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+"]
+COLUMNS = {"test_hr@10": "HR@10", "test_hr@100": "HR@100", "test_ndcg@10": "NDCG@10",
+           "test_ndcg@100": "NDCG@100", "train_seconds": "Training time (s)", "best_epoch": "Best epoch"}
+REFERENCE_LINES = {"SASRec+": "-", "SASRec": "--", "BERT4Rec": ":"}
+
+
+def _order(label: str) -> tuple:
+    if label in PAPER_ORDER:
+        return (PAPER_ORDER.index(label), 0)
+    match = re.fullmatch(r"SASRec\+ (\d+)", label)
+    return (len(PAPER_ORDER), int(match.group(1))) if match else (len(PAPER_ORDER) + 1, label)
+
+
+def _cell(values: pd.Series, digits: int) -> str:
+    if len(values) == 1 or values.std() == 0 or np.isnan(values.std()):
+        return f"{values.mean():.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def table2(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per dataset x model: the metrics' mean (± std over seeds)."""
+    ok = results[(results["status"] == "ok") & results["in_table2"]]
+    rows = []
+    for (dataset, label), group in ok.groupby(["dataset", "label"], sort=False):
+        row = {"Dataset": dataset, "Model": label, "Seeds": len(group)}
+        for column, name in COLUMNS.items():
+            digits = 4 if column.startswith("test_") else 1 if column == "train_seconds" or len(group) > 1 else 0
+            row[name] = _cell(group[column].astype(float), digits)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["Dataset", "Model", "Seeds", *COLUMNS.values()])
+    if table.empty:
+        return table
+    table["_order"] = table["Model"].map(_order)
+    return table.sort_values(["Dataset", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def table2_markdown(table: pd.DataFrame, failed: pd.DataFrame) -> str:
+    parts = ["# Table 2: test metrics (full ranking, seen items removed)\n"]
+    for dataset, group in table.groupby("Dataset", sort=False):
+        parts.append(f"\n## {dataset}\n")
+        columns = [c for c in group.columns if c != "Dataset"]
+        parts.append("| " + " | ".join(columns) + " |")
+        parts.append("|" + "---|" * len(columns))
+        for _, row in group.iterrows():
+            parts.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    if len(failed):
+        parts.append("\n## Failed trials\n")
+        for _, row in failed.iterrows():
+            parts.append(f"- {row['dataset']} {row['label']} seed {row['seed']}: {row.get('error') or 'failed'}")
+    return "\n".join(parts) + "\n"
+
+
+def _save_figure(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def figure2(results: pd.DataFrame, path: Path) -> bool:
+    """Test NDCG@10 against N (log axis), one panel per dataset; False if no SASRec+ N trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = results[(results["status"] == "ok") & results["in_table2"]]
+    sampled = ok[(ok["loss"] == "sampled_ce") & (ok["model"] == "sasrec")]
+    if sampled.empty:
+        return False
+    datasets = list(dict.fromkeys(sampled["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        curve = sampled[sampled["dataset"] == dataset].groupby("negatives")["test_ndcg@10"].agg(["mean", "std"])
+        ax.errorbar(curve.index, curve["mean"], yerr=curve["std"].fillna(0), marker="o", capsize=3,
+                    label="SASRec+ N")
+        for label, style in REFERENCE_LINES.items():
+            ref = ok[(ok["dataset"] == dataset) & (ok["label"] == label)]["test_ndcg@10"]
+            if len(ref):
+                ax.axhline(ref.mean(), linestyle=style, color="gray" if label != "SASRec+" else "black", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("negatives N")
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+    fig.suptitle("Figure 2: NDCG@10 against the number of negatives")
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def figure1(results: pd.DataFrame, run_dir: Path, path: Path) -> bool:
+    """Validation NDCG@10 by epoch per model (first seed), one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = results[(results["status"] == "ok") & results["in_table2"] & (results["model"] != "bpr")]
+    if ok.empty:
+        return False
+    datasets = list(dict.fromkeys(ok["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        rows = ok[ok["dataset"] == dataset].sort_values("seed").drop_duplicates("label")
+        for _, row in sorted(rows.iterrows(), key=lambda r: _order(r[1]["label"])):
+            history = pd.read_parquet(Path(run_dir) / "trials" / row["key"] / "history.parquet")
+            ax.plot(history["epoch"], history["val_ndcg@10"], label=row["label"])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation NDCG@10")
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+    fig.suptitle("Figure 1: convergence")
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.parquet").is_file():
+        raise UserError(f"{run_dir}: no results.parquet here (is it a raysweep run directory?)")
+    results = read_results(run_dir)
+    out = run_dir / "report"
+    table = table2(results)
+    failed = results[results["status"] != "ok"]
+    written = [out / "table2.md", out / "table2.csv"]
+    atomic_write(written[0], lambda tmp: tmp.write_text(table2_markdown(table, failed)))
+    atomic_write(written[1], lambda tmp: table.to_csv(tmp, index=False))
+    if figure2(results, out / "figure2.png"):
+        written.append(out / "figure2.png")
+    if figure1(results, run_dir, out / "figure1.png"):
+        written.append(out / "figure1.png")
+    return written
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raysweep.report", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    for path in write_report(args.run_dir):
+        print(path)
+    print((args.run_dir / "report" / "table2.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The results table: one row per trial, built from the per-trial records.
+
+The records (`trials/<key>/result.json`, each written by rename) are the source of truth;
+`results.parquet` is derived from them and rewritten atomically whenever a trial ends, so
+every trial appears exactly once however often the driver was killed and resumed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from raysweep.atomic import atomic_write
+
+
+def load_records(run_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted((Path(run_dir) / "trials").glob("*/result.json")):
+        records.append(json.loads(path.read_text()))
+    return records
+
+
+def records_table(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        row = {"key": r["key"], "stages": ",".join(r["stages"]), "in_table2": "seeds" in r["stages"],
+               "status": r["status"], "label": r["label"],
+               **{k: v for k, v in r["config"].items() if k not in ("extra", "data_dir", "mirror")},
+               "searched": json.dumps(r.get("searched") or {}, sort_keys=True)}
+        if r["status"] == "ok":
+            row.update({f"test_{k}": v for k, v in r["test"].items()})
+            row.update({"best_val_ndcg@10": r["val"]["ndcg@10"], "best_epoch": r["best_epoch"], "epochs": r["epochs"],
+                        "train_seconds": r["train_seconds"], "seconds_per_epoch": r["seconds_per_epoch"],
+                        "device": r["device"]})
+        else:
+            row["error"] = (r.get("error") or "").strip().splitlines()[-1:] and r["error"].strip().splitlines()[-1]
+        row.update({"node_id": r.get("node_id"), "host": r.get("host")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_results(run_dir: Path) -> pd.DataFrame:
+    table = records_table(load_records(run_dir))
+    atomic_write(Path(run_dir) / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    return table
+
+
+def read_results(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(run_dir) / "results.parquet")

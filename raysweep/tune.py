@@ -1,0 +1,211 @@
+"""Ray Tune glue: the trainable, per-trial records, checkpoints, search spaces, callbacks.
+
+The trainable is `raysweep.train.run_trial` unchanged; this module only adds what Tune
+needs around it: a report every epoch, a checkpoint of the full training state at most
+about once a minute and at the end, and a per-trial result record written by rename. A
+trial whose record exists returns at once, so a resumed sweep never re-runs finished work,
+even when Tune's own experiment snapshot is older than the crash.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import torch
+from ray import tune
+
+from raysweep.atomic import atomic_write
+from raysweep.config import TrialConfig
+from raysweep.sweep import Distribution, trial_key
+from raysweep.train import run_trial
+
+CHECKPOINT_SECONDS = 60.0
+STATE_FILE = "state.pt"
+
+
+def record_dir(run_dir: Path, key: str) -> Path:
+    return Path(run_dir) / "trials" / key
+
+
+def read_record(run_dir: Path, key: str) -> dict[str, Any] | None:
+    path = record_dir(run_dir, key) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_record(run_dir: Path, key: str, record: dict[str, Any], history: list[dict] | None = None) -> None:
+    folder = record_dir(run_dir, key)
+    if history is not None:
+        atomic_write(folder / "history.parquet", lambda tmp: pd.DataFrame(history).to_parquet(tmp, index=False))
+    # result.json last: its presence means the trial is finished, history included.
+    atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def trial_config(config: dict[str, Any]) -> TrialConfig:
+    """The trial's settings: the fixed ones plus whatever a search sampled."""
+    return TrialConfig.from_dict({**config["trial"], **config.get("search", {})}, where="trial")
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The metrics Tune sees for a finished trial."""
+    return {"epoch": record["epochs"], "best_ndcg@10": record["val"]["ndcg@10"], "finished": True,
+            **{f"test_{k}": v for k, v in record["test"].items()}}
+
+
+def _maybe_inject_fault(cfg: TrialConfig, epoch: int, restored: bool) -> None:
+    """Fault injection for the reliability tests: `extra: {kill_at_epoch: E}` kills the trial's
+    process at epoch E on its first attempt (a retry restored from a checkpoint goes on)."""
+    if cfg.extra.get("kill_at_epoch") == epoch and not restored:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if cfg.extra.get("raise_at_epoch") == epoch and not (restored and cfg.extra.get("raise_once")):
+        raise RuntimeError(f"injected failure at epoch {epoch}")
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """One Tune trial: `run_trial` with per-epoch reports, checkpoints and a result record."""
+    run_dir = Path(config["run_dir"])
+    cfg = trial_config(config)
+    key = trial_key(cfg)
+    stage = config.get("stage", "seeds")
+    done = read_record(run_dir, key)
+    if done is not None:
+        if stage not in done["stages"]:  # e.g. a search trial that is also the chosen setting's seed run
+            done["stages"].append(stage)
+            write_record(run_dir, key, done)
+        tune.report(summary(done))
+        return
+    started_at = time.time()
+    checkpoint = tune.get_checkpoint()
+    resume = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            # weights_only: our checkpoints hold tensors and plain values, never pickled objects.
+            resume = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    last_saved = time.monotonic()
+
+    def on_epoch(report, state) -> None:
+        nonlocal last_saved
+        _maybe_inject_fault(cfg, report.epoch, resume is not None)
+        metrics = {"epoch": report.epoch, "loss": report.loss, "best_ndcg@10": report.best_ndcg,
+                   "best_epoch": report.best_epoch, "train_seconds": report.train_seconds,
+                   **{f"val_{k}": v for k, v in report.val.items()}}
+        if report.done or time.monotonic() - last_saved >= cfg.extra.get("checkpoint_seconds", CHECKPOINT_SECONDS):
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(state(), Path(folder) / STATE_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            last_saved = time.monotonic()
+        else:
+            tune.report(metrics)
+
+    result = run_trial(cfg, on_epoch=on_epoch, resume=resume)
+    record = {k: v for k, v in result.items() if k != "history"}
+    record.update(key=key, stages=[stage], status="ok", searched=config.get("search", {}),
+                  node_id=ray.get_runtime_context().get_node_id(), host=platform.node(),
+                  started_at=started_at, finished_at=time.time(),
+                  resources=dict(tune.get_context().get_trial_resources().required_resources),
+                  resumed_from_epoch=resume["epoch"] if resume is not None else None)
+    write_record(run_dir, key, record, result["history"])
+    tune.report(summary(record))
+
+
+def resources_for(spec_resources) -> Any:
+    """BPR-MF (implicit's CPU build) never asks for a GPU; sequential trials ask for a fraction."""
+
+    def resources(config: dict[str, Any]) -> dict[str, float]:
+        gpu = 0.0 if config["trial"].get("model") == "bpr" else spec_resources.gpus
+        return {"cpu": spec_resources.cpus, "gpu": gpu}
+
+    return resources
+
+
+def search_space(space: dict[str, Distribution]) -> dict[str, Any]:
+    """Tune domains from a sweep file's search block (OptunaSearch converts them)."""
+    out = {}
+    for name, d in space.items():
+        if d.choice is not None:
+            out[name] = tune.choice(d.choice)
+        elif d.uniform is not None:
+            out[name] = tune.uniform(*d.uniform)
+        elif d.loguniform is not None:
+            out[name] = tune.loguniform(*d.loguniform)
+        else:
+            out[name] = tune.randint(*d.randint)
+    return out
+
+
+class TrialLog(tune.Callback):
+    """One terminal line per finished or failed trial, and the results table kept current.
+
+    A trial that keeps failing after its retries is recorded as failed, with its error, so
+    the results table and the report show it.
+    """
+
+    def __init__(self, run_dir: Path, stage: str, every: float = 30.0):
+        self.run_dir, self.stage, self.every = run_dir, stage, every
+        self.finished = self.failed = 0
+        self.best: dict[str, tuple[int, float]] = {}
+        self.last_status = time.monotonic()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = trial_config(trial.config)
+        print(f"[raysweep] start  {cfg.dataset} {cfg.label} seed {cfg.seed} ({self.stage})", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result and not result.get("finished"):
+            self.best[trial.trial_id] = (result["epoch"], result.get("best_ndcg@10", float("nan")))
+        if time.monotonic() - self.last_status >= self.every:
+            self.last_status = time.monotonic()
+            running = [t for t in trials if t.status == "RUNNING"]
+            parts = [f"{trial_config(t.config).label} s{trial_config(t.config).seed} epoch {self.best[t.trial_id][0]} "
+                     f"best {self.best[t.trial_id][1]:.4f}" for t in running if t.trial_id in self.best]
+            print(f"[raysweep] {self.stage}: {self.finished} done, {self.failed} failed, {len(running)} running, "
+                  f"{len(trials) - self.finished - self.failed - len(running)} waiting | " + "; ".join(parts), flush=True)
+
+    def on_change(self) -> None:
+        from raysweep.results import write_results
+
+        write_results(self.run_dir)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        last = trial.last_result or {}
+        cfg = trial_config(trial.config)
+        print(f"[raysweep] done   {cfg.dataset} {cfg.label} seed {cfg.seed}: "
+              f"best val NDCG@10 {last.get('best_ndcg@10', float('nan')):.4f}, "
+              f"test NDCG@10 {last.get('test_ndcg@10', float('nan')):.4f} "
+              f"({self.finished} done, {self.failed} failed, {len(trials)} in {self.stage})", flush=True)
+        self.on_change()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += 1
+        cfg = trial_config(trial.config)
+        key = trial_key(cfg)
+        error = _error_text(trial)
+        if read_record(self.run_dir, key) is None:
+            write_record(self.run_dir, key, {
+                "key": key, "stages": [self.stage], "status": "failed", "error": error, "label": cfg.label,
+                "config": cfg.to_dict(), "searched": trial.config.get("search", {}),
+                "attempts": trial.num_failures, "host": None, "node_id": None,
+            })
+        print(f"[raysweep] FAILED {cfg.dataset} {cfg.label} seed {cfg.seed} after {trial.num_failures} attempts: "
+              f"{error.splitlines()[-1] if error else 'unknown error'}", file=sys.stderr, flush=True)
+        self.on_change()
+
+
+def _error_text(trial) -> str:
+    try:
+        path = Path(trial.local_path or "") / "error.txt"
+        if path.is_file():
+            return path.read_text()[-4000:]
+    except Exception:  # noqa: BLE001 - the error text is best effort; the failure itself is recorded
+        return traceback.format_exc(limit=1)
+    return str(getattr(trial, "error_msg", "") or "trial failed")

@@ -1,0 +1,71 @@
+"""Sweep files are validated into a typed spec before Ray starts: one line, file and key path."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysweep.errors import UserError
+from raysweep.sweep import expand, load_spec
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+GOOD = """
+name: t
+datasets: [synthetic-chains]
+models:
+  - {model: sasrec, loss: sampled_ce, negatives: [10, 30]}
+  - {model: bpr}
+seeds: [0, 1]
+settings: {max_epochs: 2}
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_expands_to_one_trial_per_cell(tmp_path):
+    trials = expand(load_spec(_write(tmp_path, GOOD)))
+    assert sorted((t.config.label, t.config.seed) for t in trials) == [
+        ("BPR-MF", 0), ("BPR-MF", 1), ("SASRec+ 10", 0), ("SASRec+ 10", 1), ("SASRec+ 30", 0), ("SASRec+ 30", 1)]
+    assert len({t.key for t in trials}) == 6 and all(t.config.max_epochs == 2 for t in trials)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("seeds: [0, 1]", "seeds: [0, 1]\nbogus: 1"), "s.yaml: bogus: Extra inputs are not permitted"),
+    (("negatives: [10, 30]", "negatives: [10, ten]"), "s.yaml: models[0].negatives"),
+    (("{max_epochs: 2}", "{max_epochs: two}"), "s.yaml: settings: setting 'max_epochs' must be int"),
+    (("{max_epochs: 2}", "{epochs: 2}"), "s.yaml: settings: unknown setting 'epochs'"),
+    (("[synthetic-chains]", "[ml-2m]"), "s.yaml: datasets: unknown dataset 'ml-2m'"),
+    (("- {model: bpr}", "- {model: bpr, loss: ce}"), "model 'bpr' (BPR-MF) takes no loss"),
+    (("negatives: [10, 30]", "negatives: [10, 0]"), "needs negatives N >= 1"),
+    (("- {model: bpr}", "- {model: transformer}"), "s.yaml: models[1].model: Input should be"),
+    (("name: t", "name: t\nresources: {gpus: 2}"), "s.yaml: resources.gpus: Input should be less than or equal to 1"),
+    (("seeds: [0, 1]", "seeds: [0, 1"), "s.yaml, line"),
+])
+def test_bad_sweep_files_are_one_line(tmp_path, change, message):
+    path = _write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(UserError, match=None) as info:
+        expand(load_spec(path), str(path))
+    assert message in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_n_beyond_the_pool_is_refused_before_ray_starts(tmp_path):
+    path = _write(tmp_path, GOOD.replace("negatives: [10, 30]", "negatives: [10, 290]"))
+    result = subprocess.run([sys.executable, "-m", "raysweep.run", str(path), "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "N=290 negatives is more than the pool allows" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_shipped_sweeps_validate_and_dry_run():
+    for name in ["smoke", "quickstart", "table2", "negatives", "convergence", "bpr", "hidden"]:
+        spec = load_spec(SWEEPS / f"{name}.yaml")
+        assert expand(spec, name), name
+    result = subprocess.run([sys.executable, "-m", "raysweep.run", str(SWEEPS / "quickstart.yaml"), "--dry-run"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "SASRec+ 3000" in result.stdout and "trials" in result.stdout
