@@ -17,9 +17,11 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import sys
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,7 +117,12 @@ def git_blob_id(data: bytes) -> str:
 def _plain_bytes(path: Path) -> bytes:
     """The file's content, decompressed if it is gzip (the mirror keeps `.txt.gz` files)."""
     data = path.read_bytes()
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"{path}: corrupt gzip file ({exc})") from None
 
 
 def _verify(ds: Dataset, data: bytes, where: str) -> None:
@@ -176,7 +183,11 @@ def _raw_text(ds: Dataset, data_dir: Path, mirror: Path | None) -> tuple[bytes, 
         atomic_write(local, lambda tmp: tmp.write_bytes(data))
         source = ds.url
     if ds.filename.endswith(".zip"):
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile as exc:
+            raise UserError(f"{source}: not a zip file ({exc})") from None
+        with archive:
             members = [m for m in archive.namelist() if m.endswith(".txt") and not m.startswith("__MACOSX")]
             if len(members) != 1:
                 raise UserError(f"{source}: expected one .txt file inside the zip, found {members}")
@@ -188,9 +199,9 @@ def _first_bad_line(text: bytes, where: str) -> UserError:
     """Find the first malformed line of a sequence file and describe it."""
     for number, line in enumerate(text.decode("utf-8", errors="replace").splitlines(), start=1):
         fields = line.split(" ")
-        if len(fields) != 2 or not all(f.isdigit() for f in fields):
+        if len(fields) != 2 or not all(re.fullmatch(r"[0-9]{1,18}", f) for f in fields):
             return UserError(
-                f"{where}, line {number}: expected 'user_id item_id' (two positive integers "
+                f"{where}, line {number}: expected 'user_id item_id' (two positive integers below 10^18 "
                 f"separated by one space), got {line[:80]!r}"
             )
     return UserError(f"{where}: could not be parsed as 'user_id item_id' lines")
@@ -203,7 +214,7 @@ def parse_interactions(text: bytes, where: str) -> pd.DataFrame:
     try:
         frame = pd.read_csv(io.BytesIO(text), sep=" ", header=None, names=["user_id", "item_id"],
                             dtype="int64", engine="c", skip_blank_lines=False)
-    except (ValueError, pd.errors.ParserError):
+    except (ValueError, OverflowError, pd.errors.ParserError):
         raise _first_bad_line(text, where) from None
     if frame.isna().any().any():
         raise _first_bad_line(text, where)

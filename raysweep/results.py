@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from raysweep import faults
 from raysweep.atomic import atomic_write
 
 
@@ -42,7 +43,12 @@ def records_table(records: list[dict]) -> pd.DataFrame:
 
 def write_results(run_dir: Path) -> pd.DataFrame:
     table = records_table(load_records(run_dir))
-    atomic_write(Path(run_dir) / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+
+    def write(tmp: Path) -> None:
+        table.to_parquet(tmp, index=False)
+        faults.driver_point("results-write")
+
+    atomic_write(Path(run_dir) / "results.parquet", write)
     return table
 
 

@@ -55,12 +55,16 @@ class RunLock:
         self.path = run_dir / ".lock"
 
     def __enter__(self):
-        self.file = open(self.path, "w")
+        try:
+            self.file = open(self.path, "a")
+        except OSError as exc:
+            raise UserError(f"{self.path.parent}: results directory is not writable ({exc.strerror})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
             raise UserError(f"{self.path.parent}: another raysweep driver is running on this run directory") from None
+        self.file.truncate(0)
         self.file.write(f"{os.getpid()}\n")
         self.file.flush()
         return self
@@ -78,7 +82,6 @@ def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> None:
     if started and (run_dir / "spec.yaml").read_text() != spec_path.read_text():
         raise UserError(f"{run_dir}: the sweep file changed since this run started; resume with the same file")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-probe"
         probe.write_bytes(bytes(1 << 20))  # a full disk fails here, not in the middle of a trial
         probe.unlink()
@@ -86,6 +89,8 @@ def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> None:
         raise UserError(f"{run_dir}: results directory is not writable ({exc.strerror})") from None
     if not started:
         shutil.copyfile(spec_path, run_dir / "spec.yaml")
+    for leftover in [*run_dir.glob(".*.tmp"), *run_dir.glob("trials/*/.*.tmp")]:
+        leftover.unlink()  # half-written files of a killed driver or trial; never renamed, never read
 
 
 def start_ray(address: str | None) -> bool:
@@ -117,10 +122,14 @@ def run_sweep(spec_path: Path, address: str | None = None, resume: bool = False,
         print(f"sweep {spec.name}: results in {run_dir}")
         print(trial_table(trials, spec.resources.gpus, spec.resources.cpus))
         return run_dir
-    prepare_run_dir(run_dir, spec_path, resume)
-    if spec.description:
-        print(f"[raysweep] {spec.name}: {spec.description.strip()}", flush=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot create the results directory ({exc.strerror})") from None
     with RunLock(run_dir):
+        prepare_run_dir(run_dir, spec_path, resume)
+        if spec.description:
+            print(f"[raysweep] {spec.name}: {spec.description.strip()}", flush=True)
         local = start_ray(address)
         _run_stages(spec, trials, run_dir, local, resume, where)
     from raysweep.report import write_report

@@ -9,9 +9,7 @@ even when Tune's own experiment snapshot is older than the crash.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ import ray
 import torch
 from ray import tune
 
+from raysweep import faults
 from raysweep.atomic import atomic_write
 from raysweep.config import TrialConfig
 from raysweep.sweep import Distribution, trial_key
@@ -61,15 +60,6 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
             **{f"test_{k}": v for k, v in record["test"].items()}}
 
 
-def _maybe_inject_fault(cfg: TrialConfig, epoch: int, restored: bool) -> None:
-    """Fault injection for the reliability tests: `extra: {kill_at_epoch: E}` kills the trial's
-    process at epoch E on its first attempt (a retry restored from a checkpoint goes on)."""
-    if cfg.extra.get("kill_at_epoch") == epoch and not restored:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if cfg.extra.get("raise_at_epoch") == epoch and not (restored and cfg.extra.get("raise_once")):
-        raise RuntimeError(f"injected failure at epoch {epoch}")
-
-
 def trainable(config: dict[str, Any]) -> None:
     """One Tune trial: `run_trial` with per-epoch reports, checkpoints and a result record."""
     run_dir = Path(config["run_dir"])
@@ -94,7 +84,7 @@ def trainable(config: dict[str, Any]) -> None:
 
     def on_epoch(report, state) -> None:
         nonlocal last_saved
-        _maybe_inject_fault(cfg, report.epoch, resume is not None)
+        faults.trial_point(cfg.extra, report.epoch, restored=resume is not None)
         metrics = {"epoch": report.epoch, "loss": report.loss, "best_ndcg@10": report.best_ndcg,
                    "best_epoch": report.best_epoch, "train_seconds": report.train_seconds,
                    **{f"val_{k}": v for k, v in report.val.items()}}
@@ -160,6 +150,7 @@ class TrialLog(tune.Callback):
         print(f"[raysweep] start  {cfg.dataset} {cfg.label} seed {cfg.seed} ({self.stage})", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        faults.driver_point("first-report")
         if "epoch" in result and not result.get("finished"):
             self.best[trial.trial_id] = (result["epoch"], result.get("best_ndcg@10", float("nan")))
         if time.monotonic() - self.last_status >= self.every:
@@ -184,6 +175,7 @@ class TrialLog(tune.Callback):
               f"test NDCG@10 {last.get('test_ndcg@10', float('nan')):.4f} "
               f"({self.finished} done, {self.failed} failed, {len(trials)} in {self.stage})", flush=True)
         self.on_change()
+        faults.driver_point("first-finish")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.failed += 1

@@ -1,0 +1,73 @@
+"""Property-based: any sweep file or data file either loads or gives the one-line error."""
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from raysweep import data
+from raysweep.errors import UserError
+from raysweep.sweep import expand, load_spec
+
+KEYS = ["name", "datasets", "models", "seeds", "settings", "overrides", "resources", "max_retries", "results",
+        "model", "loss", "negatives", "search", "space", "samples", "choice", "max_epochs", "hidden", "gpus",
+        "cpus", "synthetic-chains", "beauty", "sasrec", "bpr", "ce", "sampled_ce", "bogus"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
+                    st.sampled_from(KEYS), st.text(max_size=8))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)),
+                      max_leaves=20)
+model_entry = st.fixed_dictionaries({"model": st.sampled_from(["sasrec", "gru4rec", "bert4rec", "bpr", "x"])},
+                                    optional={"loss": st.sampled_from(["bce", "ce", "sampled_ce", "x", None]),
+                                              "negatives": st.one_of(st.integers(-2, 400), st.lists(st.integers(-2, 400), max_size=3)),
+                                              "settings": st.dictionaries(st.sampled_from(["max_epochs", "hidden", "heads", "bogus"]), scalars, max_size=2)})
+near_valid = st.fixed_dictionaries(
+    {"name": st.sampled_from(["s", "bad name!"]), "datasets": st.lists(st.sampled_from(["synthetic-chains", "nope"]), max_size=2),
+     "models": st.lists(model_entry, max_size=3)},
+    optional={"seeds": st.lists(st.integers(-3, 3), max_size=3), "settings": st.dictionaries(st.sampled_from(KEYS), scalars, max_size=3),
+              "resources": st.dictionaries(st.sampled_from(["cpus", "gpus", "tpus"]), scalars, max_size=2)})
+
+
+def _load(tmp_path, text: str) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    try:
+        expand(load_spec(path), str(path))
+    except UserError as exc:
+        message = str(exc)
+        assert message.startswith(str(path)) and "\n" not in message, message
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(values, near_valid))
+def test_any_sweep_structure_loads_or_is_one_line(tmp_path, document):
+    _load(tmp_path, yaml.safe_dump(document))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet="name: [],{}-\n\t'\"&*!%@0123456789abcdexyz", max_size=120))
+def test_any_sweep_text_loads_or_is_one_line(tmp_path, text):
+    _load(tmp_path, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.text(alphabet="0123456789 \n\t-x.", max_size=200).map(str.encode)))
+def test_any_data_file_parses_or_is_one_line(blob):
+    try:
+        frame = data.parse_interactions(blob, "f.txt")
+    except UserError as exc:
+        assert str(exc).startswith("f.txt") and "\n" not in str(exc)
+    else:
+        assert len(frame) and (frame["user_id"] > 0).all() and (frame["item_id"] > 0).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(min_size=1, max_size=300))
+def test_a_bad_mirror_file_never_leaves_a_cache(tmp_path_factory, blob):
+    folder = tmp_path_factory.mktemp("m")
+    (folder / "ml-1m").mkdir()
+    (folder / "ml-1m" / "ml-1m.txt").write_bytes(blob)
+    try:
+        data.load_interactions("ml-1m", data_dir=folder / "cache", mirror=folder)
+    except UserError as exc:
+        assert ("checksum mismatch" in str(exc) or "corrupt gzip" in str(exc)) and "\n" not in str(exc)
+    assert not (folder / "cache").exists() or not any(p.is_file() for p in (folder / "cache").rglob("*"))

@@ -1,0 +1,219 @@
+"""Faults provoked on this machine: trials that die or raise, a lost node, a driver killed at
+named points, a locked / unwritable / full results directory, the local network bindings."""
+import errno
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raysweep.errors import UserError
+from raysweep.results import load_records
+from raysweep.run import RunLock, prepare_run_dir, run_sweep
+
+METRICS = ["test_hr@10", "test_ndcg@10", "test_hr@100", "test_ndcg@100", "best_epoch", "epochs"]
+
+
+def _spec(tmp_path, text, name="s.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _tune_epochs(run_dir: Path, key: str) -> list[int]:
+    """Every epoch a trial reported to Tune, across all its attempts, in order."""
+    lines = []
+    for result in (run_dir / "tune").rglob(f"{key}_*/result.json"):
+        lines += [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    return [r["epoch"] for r in sorted(lines, key=lambda r: r["timestamp"]) if not r.get("finished")]
+
+
+KILLED_TRIAL = """
+name: killed
+datasets: [synthetic-chains]
+settings: {max_epochs: 5, patience: 5, val_users: 200, hidden: 16, extra: {checkpoint_seconds: 0, EXTRA}}
+models: [{model: sasrec, loss: ce}]
+max_retries: 2
+"""
+
+
+def test_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tmp_path):
+    straight = run_sweep(_spec(tmp_path, KILLED_TRIAL.replace(", EXTRA", ""), "a.yaml"), results=tmp_path / "a")
+    killed = run_sweep(_spec(tmp_path, KILLED_TRIAL.replace("EXTRA", "kill_at_epoch: 3"), "b.yaml"),
+                       results=tmp_path / "b")
+    [record] = load_records(killed)
+    assert record["status"] == "ok" and record["resumed_from_epoch"] == 2
+    # The retry's first report is epoch 3 (after the checkpoint of epoch 2), not epoch 1.
+    assert _tune_epochs(killed, record["key"]) == [1, 2, 3, 4, 5]
+    # And it ends exactly where an uninterrupted run ends (CPU, same seed).
+    a, b = pd.read_parquet(straight / "results.parquet"), pd.read_parquet(killed / "results.parquet")
+    assert a[METRICS].to_dict("records") == b[METRICS].to_dict("records")
+
+
+FAILING = """
+name: failing
+datasets: [synthetic-chains]
+settings: {max_epochs: 3, val_users: 200, hidden: 16}
+models:
+  - {model: sasrec, loss: ce, settings: {extra: {raise_at_epoch: 2}}}
+  - {model: gru4rec, loss: ce}
+max_retries: 1
+"""
+
+
+def test_trial_that_keeps_failing_is_recorded_and_the_sweep_completes(ray_cluster, tmp_path):
+    run_dir = run_sweep(_spec(tmp_path, FAILING), results=tmp_path / "run")
+    results = pd.read_parquet(run_dir / "results.parquet").set_index("label")
+    assert results.loc["GRU4Rec", "status"] == "ok"
+    assert results.loc["SASRec+", "status"] == "failed"
+    assert "injected failure at epoch 2" in results.loc["SASRec+", "error"]
+    report = (run_dir / "report" / "table2.md").read_text()
+    assert "## Failed trials" in report and "SASRec+ seed 0: RuntimeError: injected failure at epoch 2" in report
+    assert "| GRU4Rec |" in report
+
+
+LOST_NODE = """
+name: lost-node
+datasets: [synthetic-chains]
+settings: {max_epochs: 6, patience: 6, val_users: 200, hidden: 16, extra: {checkpoint_seconds: 0}}
+models: [{model: sasrec, loss: sampled_ce, negatives: [5, 10, 15, 20]}]
+resources: {cpus: 1}
+max_retries: 3
+"""
+
+
+def test_lost_node_trials_move_to_the_head(ray_cluster, tmp_path):
+    import ray
+    from ray.util.state import list_actors
+
+    cluster, _ = ray_cluster
+    worker = [n for n in cluster.worker_nodes][-1]
+    outcome = {}
+    sweep = threading.Thread(target=lambda: outcome.update(run_dir=run_sweep(_spec(tmp_path, LOST_NODE),
+                                                                             results=tmp_path / "run")))
+    started = time.time()
+    sweep.start()
+    try:
+        while time.time() - started < 180:  # wait until a trial runs on the worker node
+            on_worker = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                         if a.node_id == worker.node_id and "trainable" in a.class_name.lower()]
+            if on_worker:
+                break
+            time.sleep(0.5)
+        assert on_worker, "no trial was scheduled on the worker node"
+        time.sleep(2)
+        cluster.remove_node(worker, allow_graceful=False)
+        lost_at = time.time()
+        sweep.join(timeout=600)
+        recovered = time.time() - lost_at
+    finally:
+        cluster.add_node(num_cpus=2, resources={"worker_node": 2})  # the next tests want two nodes again
+        cluster.wait_for_nodes()
+    assert not sweep.is_alive()
+    results = pd.read_parquet(outcome["run_dir"] / "results.parquet")
+    assert len(results) == 4 and results["key"].is_unique and (results["status"] == "ok").all()
+    print(f"lost node: sweep completed {recovered:.1f} s after the worker was removed")
+    assert ray.is_initialized()
+
+
+DRIVER = """
+name: driver-kill
+datasets: [synthetic-chains]
+settings: {max_epochs: 3, patience: 3, val_users: 200, hidden: 16, extra: {checkpoint_seconds: 0}}
+models:
+  - {model: sasrec, loss: ce}
+  - {model: gru4rec, loss: ce}
+  - {model: sasrec, loss: bce}
+resources: {cpus: 1}
+"""
+
+
+def _drive(spec, run_dir, address, *extra, kill_at=None):
+    env = dict(os.environ)
+    env.pop("RAYSWEEP_KILL_DRIVER_AT", None)
+    if kill_at:
+        env["RAYSWEEP_KILL_DRIVER_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "raysweep.run", str(spec), "--results", str(run_dir), "--address",
+                           address, *extra], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    result = _drive(_spec(folder, DRIVER), folder / "run", ray_cluster[0].address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return pd.read_parquet(folder / "run" / "results.parquet").sort_values("key").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("point", ["first-report", "first-finish", "results-write"])
+def test_driver_killed_then_resumed_matches_an_uninterrupted_sweep(ray_cluster, uninterrupted, tmp_path, point):
+    spec, run_dir, address = _spec(tmp_path, DRIVER), tmp_path / "run", ray_cluster[0].address
+    killed = _drive(spec, run_dir, address, kill_at=point)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    finished_before = len(load_records(run_dir))
+    if point == "first-report":
+        assert finished_before == 0
+    started = time.time()
+    resumed = _drive(spec, run_dir, address, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    print(f"driver killed at {point}: {finished_before} trials finished before, resumed in {time.time() - started:.1f} s")
+    results = pd.read_parquet(run_dir / "results.parquet").sort_values("key").reset_index(drop=True)
+    assert len(results) == 3 and results["key"].is_unique and (results["status"] == "ok").all()
+    assert list(results["key"]) == list(uninterrupted["key"])
+    assert results[METRICS].to_dict("records") == uninterrupted[METRICS].to_dict("records")
+    assert not list(run_dir.rglob(".*.tmp"))
+
+
+def test_second_driver_on_the_same_run_directory_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = _spec(tmp_path, DRIVER)
+    with RunLock(run_dir):
+        result = subprocess.run([sys.executable, "-m", "raysweep.run", str(spec), "--results", str(run_dir)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {run_dir}: another raysweep driver is running on this run directory"
+
+
+def test_unwritable_results_directory_fails_before_any_trial(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run([sys.executable, "-m", "raysweep.run", str(_spec(tmp_path, DRIVER)), "--results",
+                             str(blocker / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {blocker / 'run'}: cannot create the results directory")
+
+
+def test_full_results_directory_fails_before_any_trial(tmp_path, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UserError, match="results directory is not writable \\(No space left on device\\)"):
+        prepare_run_dir(tmp_path, _spec(tmp_path, DRIVER), resume=False)
+    assert not (tmp_path / "spec.yaml").exists()
+
+
+def test_local_mode_dashboard_is_on_loopback_and_needs_the_token(tmp_path):
+    """A fresh local Ray as `raysweep.run` starts it, with Ray's default (token) auth."""
+    probe = """
+import subprocess, urllib.request, urllib.error
+from raysweep.run import start_ray
+start_ray(None)
+listening = subprocess.run(["ss", "-ltnH", "sport = :8265"], capture_output=True, text=True).stdout.split()
+print("LISTEN", [w for w in listening if w.endswith(":8265")])
+try:
+    urllib.request.urlopen("http://127.0.0.1:8265/api/jobs/", timeout=10)
+    print("STATUS 200")
+except urllib.error.HTTPError as exc:
+    print("STATUS", exc.code)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180).stdout
+    assert "LISTEN ['127.0.0.1:8265']" in out, out
+    assert "STATUS 401" in out or "STATUS 403" in out, out
