@@ -87,14 +87,28 @@ def ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int =
     return _ChunkedCE.apply(h[real], candidates, labels[real] - 1, chunk)
 
 
-def sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """negatives: [B, N], shared by every step of sequence b (the paper's loss (3))."""
-    real = labels > 0
-    pos = (h * weight[labels]).sum(-1, keepdim=True)  # [B, T, 1]
-    neg = torch.bmm(h, weight[negatives].transpose(1, 2))  # [B, T, N]
-    logits = torch.cat([pos, neg], dim=-1)[real]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=h.device))
+def sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor,
+               groups: list[tuple[torch.Tensor, int]] | None = None) -> torch.Tensor:
+    """negatives: [B, N], shared by every step of sequence b (the paper's loss (3)).
+
+    `groups` (rows, width) splits the batch into rows of similar length, each trimmed to its
+    own longest window, so the [rows, width, N] logits skip most of the right padding (a
+    Beauty batch is ~6.6 real steps per row but up to 50 wide). The value is the same.
+    """
+    if groups is None:
+        groups = [(torch.arange(len(h), device=h.device), h.shape[1])]
+    total = torch.zeros((), device=h.device)
+    count = torch.zeros((), device=h.device)
+    for rows, width in groups:
+        hg, yg = h[rows, :width], labels[rows, :width]
+        real = yg > 0
+        pos = (hg * weight[yg]).sum(-1, keepdim=True)  # [b, T, 1]
+        neg = torch.bmm(hg, weight[negatives[rows]].transpose(1, 2))  # [b, T, N]
+        logits = torch.cat([pos, neg], dim=-1)[real]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
+        total = total + (torch.logsumexp(logits, dim=-1) - logits[:, 0]).sum()
+        count = count + real.sum()
+    return total / count.clamp(min=1)
 
 
 def _allowed(pool: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

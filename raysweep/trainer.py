@@ -52,9 +52,22 @@ def _last_items(windows: torch.Tensor, lengths: torch.Tensor, count: int) -> tor
     return torch.where(full, windows[:, 1:], windows[:, :-1])
 
 
-def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: torch.Tensor, width: int,
+def length_groups(lengths: np.ndarray, device: torch.device, count: int = 4) -> list[tuple[torch.Tensor, int]]:
+    """The batch's rows sorted by window length in `count` groups, each with its number of
+    label steps (window length - 1), from host-side lengths: no device sync."""
+    order = np.argsort(lengths, kind="stable")
+    groups = []
+    for rows in np.array_split(order, count):
+        width = int(lengths[rows].max()) - 1 if len(rows) else 0
+        if width > 0:
+            groups.append((torch.as_tensor(rows, device=device), width))
+    return groups
+
+
+def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: torch.Tensor, lengths: np.ndarray,
                generator: torch.Generator) -> torch.Tensor:
-    """The training loss of one batch of users; `width` is their longest window (host-side)."""
+    """The training loss of one batch of users; `lengths` are their window lengths (host-side)."""
+    width = int(lengths.max())
     windows = data.train_windows[users]
     weight = model.item_emb.weight[: data.num_items + 1]
     if cfg.model == "bert4rec":
@@ -71,7 +84,7 @@ def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: to
         return losses.ce(hidden, labels, weight)
     if cfg.loss == "sampled_ce":
         negatives = losses.shared_negatives(data.negative_pool, data.pool_items, windows, cfg.negatives, generator)
-        return losses.sampled_ce(hidden, labels, weight, negatives)
+        return losses.sampled_ce(hidden, labels, weight, negatives, length_groups(lengths, users.device))
     negatives = losses.position_negatives(data.negative_pool, windows, labels.shape[1], generator)
     return losses.bce(hidden, labels, weight, negatives)
 
@@ -165,11 +178,11 @@ def fit(model: nn.Module, cfg: TrialConfig, data: SequenceData, device: torch.de
         running = torch.zeros((), device=device)
         for begin in range(0, len(order), cfg.batch_size):
             batch = order[begin : begin + cfg.batch_size]
-            width = int(data.train_lengths_host[batch].max())
-            if width < 2 and cfg.model != "bert4rec":
+            lengths = data.train_lengths_host[batch]
+            if lengths.max() < 2 and cfg.model != "bert4rec":
                 continue  # one-item windows have no next item to predict
             with autocast():
-                loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device), width, generator)
+                loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device), lengths, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

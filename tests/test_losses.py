@@ -118,3 +118,21 @@ def test_position_negatives_avoid_the_window():
     neg = losses.position_negatives(pool, windows, 10, g)
     assert neg.shape == (128, 10) and pool[neg].all()
     assert not (neg[:, :, None] == windows[:, None, :]).any()
+
+
+def test_sampled_ce_by_length_groups_equals_the_whole_batch():
+    from raysweep.trainer import length_groups
+
+    g = torch.Generator().manual_seed(5)
+    lengths = np.array([2, 9, 4, 1, 7, 3, 9, 5])  # window lengths; labels = length - 1 steps
+    labels = torch.zeros(8, 8, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        labels[b, : n - 1] = torch.randint(1, 41, (n - 1,), generator=g)
+    h = torch.randn(8, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(41, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    negatives = torch.randint(1, 41, (8, 5), generator=g)
+    whole = losses.sampled_ce(h, labels, w, negatives)
+    grouped = losses.sampled_ce(h, labels, w, negatives, length_groups(lengths, torch.device("cpu"), count=3))
+    assert abs(float(whole.detach()) - float(grouped.detach())) < 1e-12
+    for a, b in zip(_grads(whole, h, w), _grads(grouped, h, w)):
+        assert torch.allclose(a, b, atol=1e-12)
