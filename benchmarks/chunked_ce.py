@@ -1,0 +1,82 @@
+"""Full CE over a large catalogue: plain (tokens x items logits at once) vs raysweep's chunked CE.
+
+    python benchmarks/chunked_ce.py [--device cuda] [--positions-scale 1.0]
+
+Shapes: ML-20M (26,744 items, hidden 256, L=200, batch 128) and Yelp (148,415 items, hidden
+64, L=50, batch 128), every position a target. Reports seconds per step (forward + backward)
+and peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS), each
+variant in its own process. On a CPU use --positions-scale to keep a step short.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+SHAPES = {"ml-20m": (26_744, 256, 200), "yelp": (148_415, 64, 50)}
+
+
+def _step(variant: str, items: int, hidden: int, positions: int, device: str, queue) -> None:
+    from raysweep import losses
+
+    torch.manual_seed(0)
+    h = torch.randn(positions, hidden, device=device, requires_grad=True)
+    w = torch.randn(items + 1, hidden, device=device, requires_grad=True)
+    labels = torch.randint(1, items + 1, (positions,), device=device)
+
+    def run():
+        if variant == "plain":
+            loss = torch.nn.functional.cross_entropy(h @ w[1:].T, labels - 1)
+        else:
+            loss = losses.ce(h[None], labels[None], w)
+        loss.backward()
+        h.grad = w.grad = None
+
+    run()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    repeats = 3
+    for _ in range(repeats):
+        run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put(((time.perf_counter() - started) / repeats, peak))
+
+
+def measure(variant, items, hidden, positions, device):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_step, args=(variant, items, hidden, positions, device, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--positions-scale", type=float, default=1.0, help="fraction of batch x L positions")
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"device: {name}\n")
+    print("| shape | positions | plain s/step | chunked s/step | plain peak MB | chunked peak MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, (items, hidden, length) in SHAPES.items():
+        positions = max(1, int(128 * length * args.positions_scale))
+        plain = measure("plain", items, hidden, positions, args.device)
+        chunked = measure("chunked", items, hidden, positions, args.device)
+        print(f"| {shape} | {positions} | {plain[0]:.3f} | {chunked[0]:.3f} | {plain[1] / 2**20:.0f} | "
+              f"{chunked[1] / 2**20:.0f} | {plain[1] / chunked[1]:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Several trials on one card: aggregate epochs per second of k concurrent trial processes.
+
+    python benchmarks/packing.py [--ks 1 2 4 8] [--dataset beauty --loss sampled_ce --negatives 3000]
+                                 [--epochs 5] [--device cuda]
+
+Each trial is a `python -m raysweep.train` process (the function Tune runs), all started at
+once on the same device; a row reports wall-clock (start-up and data loading included) and
+k x epochs / wall. The sweeps' GPU fraction is 1 / (the k past which throughput stops
+growing). Ray itself is not needed: this is what Tune's fractional GPUs amount to.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+
+def run(k: int, args) -> float:
+    command = [sys.executable, "-m", "raysweep.train", "--dataset", args.dataset, "--loss", args.loss,
+               "--max-epochs", str(args.epochs), "--patience", str(args.epochs), "--device", args.device]
+    if args.negatives:
+        command += ["--negatives", str(args.negatives)]
+    started = time.perf_counter()
+    processes = [subprocess.Popen(command + ["--seed", str(seed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for seed in range(k)]
+    for p in processes:
+        _, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"trial failed: {err.strip().splitlines()[-1:]}")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--dataset", default="beauty")
+    parser.add_argument("--loss", default="sampled_ce")
+    parser.add_argument("--negatives", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if args.loss != "sampled_ce":
+        args.negatives = 0
+    print(f"{args.dataset} {args.loss} {args.negatives or ''}, {args.epochs} epochs per trial, device {args.device}\n")
+    print("| k trials | wall s | aggregate epochs/s | vs k=1 |")
+    print("|---|---|---|---|")
+    base = None
+    for k in args.ks:
+        wall = run(k, args)
+        rate = k * args.epochs / wall
+        base = base or rate
+        print(f"| {k} | {wall:.1f} | {rate:.3f} | {rate / base:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
