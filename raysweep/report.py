@@ -74,24 +74,31 @@ def table2_markdown(table: pd.DataFrame, failed: pd.DataFrame) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _save_figure(fig, path: Path) -> None:
+def _save_figure(plt, fig, title: str, path: Path) -> None:
+    fig.suptitle(title)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
 
 
-def figure2(results: pd.DataFrame, path: Path) -> bool:
-    """Test NDCG@10 against N (log axis), one panel per dataset; False if no SASRec+ N trials."""
+def _panels(datasets: list[str]):
+    """A figure with one panel per dataset (matplotlib without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    return plt, fig, zip(axes[0], datasets)
+
+
+def figure2(results: pd.DataFrame, path: Path) -> bool:
+    """Test NDCG@10 against N (log axis), one panel per dataset; False if no SASRec+ N trials."""
     ok = results[(results["status"] == "ok") & results["in_table2"]]
     sampled = ok[(ok["loss"] == "sampled_ce") & (ok["model"] == "sasrec")]
     if sampled.empty:
         return False
-    datasets = list(dict.fromkeys(sampled["dataset"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    plt, fig, panels = _panels(list(dict.fromkeys(sampled["dataset"])))
+    for ax, dataset in panels:
         curve = sampled[sampled["dataset"] == dataset].groupby("negatives")["test_ndcg@10"].agg(["mean", "std"])
         ax.errorbar(curve.index, curve["mean"], yerr=curve["std"].fillna(0), marker="o", capsize=3,
                     label="SASRec+ N")
@@ -99,41 +106,26 @@ def figure2(results: pd.DataFrame, path: Path) -> bool:
             ref = ok[(ok["dataset"] == dataset) & (ok["label"] == label)]["test_ndcg@10"]
             if len(ref):
                 ax.axhline(ref.mean(), linestyle=style, color="gray" if label != "SASRec+" else "black", label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("negatives N")
-        ax.set_ylabel("test NDCG@10")
-        ax.set_title(dataset)
+        ax.set(xscale="log", xlabel="negatives N", ylabel="test NDCG@10", title=dataset)
         ax.legend(fontsize=8)
-    fig.suptitle("Figure 2: NDCG@10 against the number of negatives")
-    _save_figure(fig, path)
-    plt.close(fig)
+    _save_figure(plt, fig, "Figure 2: NDCG@10 against the number of negatives", path)
     return True
 
 
 def figure1(results: pd.DataFrame, run_dir: Path, path: Path) -> bool:
     """Validation NDCG@10 by epoch per model (first seed), one panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = results[(results["status"] == "ok") & results["in_table2"] & (results["model"] != "bpr")]
     if ok.empty:
         return False
-    datasets = list(dict.fromkeys(ok["dataset"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    plt, fig, panels = _panels(list(dict.fromkeys(ok["dataset"])))
+    for ax, dataset in panels:
         rows = ok[ok["dataset"] == dataset].sort_values("seed").drop_duplicates("label")
         for _, row in sorted(rows.iterrows(), key=lambda r: _order(r[1]["label"])):
             history = pd.read_parquet(Path(run_dir) / "trials" / row["key"] / "history.parquet")
             ax.plot(history["epoch"], history["val_ndcg@10"], label=row["label"])
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation NDCG@10")
-        ax.set_title(dataset)
+        ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=dataset)
         ax.legend(fontsize=8)
-    fig.suptitle("Figure 1: convergence")
-    _save_figure(fig, path)
-    plt.close(fig)
+    _save_figure(plt, fig, "Figure 1: validation NDCG@10 by epoch", path)
     return True
 
 

@@ -103,9 +103,8 @@ def start_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
-    print("[raysweep] local Ray: dashboard at http://127.0.0.1:8265 "
-          f"(TensorBoard: tensorboard --logdir {{run_dir}}/tune)", flush=True)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    print("[raysweep] local Ray: dashboard at http://127.0.0.1:8265", flush=True)
     return True
 
 
@@ -131,6 +130,7 @@ def run_sweep(spec_path: Path, address: str | None = None, resume: bool = False,
         if spec.description:
             print(f"[raysweep] {spec.name}: {spec.description.strip()}", flush=True)
         local = start_ray(address)
+        print(f"[raysweep] {len(trials)} trials; TensorBoard: tensorboard --logdir {run_dir / 'tune'}", flush=True)
         _run_stages(spec, trials, run_dir, local, resume, where)
     from raysweep.report import write_report
 
