@@ -55,11 +55,14 @@ class _ChunkedCE(torch.autograd.Function):
         for start in range(0, n, chunk):
             hc, yc = h[start : start + chunk], labels[start : start + chunk]
             logits = (hc @ weight.T).to(exact)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            # Softmax in place (one buffer per chunk): exp(logits - max) / sum.
+            peak = logits.amax(dim=1, keepdim=True)
+            scale = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)
+            total += (peak.squeeze(1) + scale.squeeze(1).log() - target).sum()
             if grad_h is None and grad_w is None:
                 continue
-            probs = torch.exp(logits - lse[:, None])
+            probs = logits.div_(scale)
             probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
             probs = probs.to(h.dtype)
             if grad_h is not None:
