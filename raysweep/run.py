@@ -103,7 +103,8 @@ def start_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    # address="local": a new single-node Ray even if another one runs on this machine.
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
     print("[raysweep] local Ray: dashboard at http://127.0.0.1:8265", flush=True)
     return True
 

@@ -34,8 +34,8 @@ def test_smoke_sweep_end_to_end(ray_cluster, tmp_path):
         assert (run_dir / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The planted pattern is learnt even in 3 epochs by SASRec (a sanity check of the plumbing).
     assert table.set_index("Model").loc["SASRec+", "NDCG@10"] > 0.5
-    # Trials ran on both nodes of the cluster.
-    assert results["node_id"].nunique() == 2
+    # Trials ran on both nodes of the cluster (a worker may have been replaced by a test before).
+    assert results["node_id"].nunique() >= 2
     # Tune's TensorBoard logs are there for every trial.
     assert len(list((run_dir / "tune").rglob("events.out.tfevents.*"))) >= 8
 

@@ -62,7 +62,7 @@ def test_n_beyond_the_pool_is_refused_before_ray_starts(tmp_path):
 
 
 def test_shipped_sweeps_validate_and_dry_run():
-    for name in ["smoke", "quickstart", "table2", "negatives", "convergence", "bpr", "hidden"]:
+    for name in ["smoke", "quickstart", "beauty", "table2", "negatives", "convergence", "bpr", "hidden"]:
         spec = load_spec(SWEEPS / f"{name}.yaml")
         assert expand(spec, name), name
     result = subprocess.run([sys.executable, "-m", "raysweep.run", str(SWEEPS / "quickstart.yaml"), "--dry-run"],
