@@ -47,7 +47,8 @@ def epoch_seconds(cfg: TrialConfig, device: torch.device, epochs: int, steps: in
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cuda)
-    order = np.random.default_rng(0).permutation(data.num_users)
+    order_rng = np.random.default_rng(0)
+    order = order_rng.permutation(data.num_users)
     generator = torch.Generator(device=device).manual_seed(0)
     batches = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
     for i, batch in enumerate(batches[: steps + 2]):
@@ -57,7 +58,7 @@ def epoch_seconds(cfg: TrialConfig, device: torch.device, epochs: int, steps: in
             started = time.perf_counter()
         with autocast():
             loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device),
-                              data.train_lengths_host[batch], generator)
+                              data.train_lengths_host[batch], generator, order_rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

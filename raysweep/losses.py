@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,12 +30,30 @@ LOSSES = ("bce", "ce", "sampled_ce")
 CE_CHUNK_ELEMENTS = 1 << 25
 
 
-def bce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+def real_positions(label_lengths: np.ndarray, width: int, device: torch.device | str) -> torch.Tensor:
+    """Flat indices (row x width + step) of the real label positions of a right-padded batch.
+
+    Built on the host from lengths the trainer already knows, so selecting them is a gather
+    of known size: no device-to-host sync inside the training step (a boolean mask would sync).
+    """
+    rows = np.repeat(np.arange(len(label_lengths)), label_lengths)
+    steps = np.arange(len(rows)) - np.repeat(np.cumsum(label_lengths) - label_lengths, label_lengths)
+    return torch.as_tensor(rows * width + steps, device=device)
+
+
+def _select(h: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None):
+    """Hidden states [n, d] and labels [n] of the real positions."""
+    if positions is None:  # callers without host-side lengths (tests) pay a sync here
+        positions = torch.nonzero(labels.flatten() > 0).squeeze(1)
+    return h.reshape(-1, h.shape[-1])[positions], labels.flatten()[positions], positions
+
+
+def bce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor,
+        positions: torch.Tensor | None = None) -> torch.Tensor:
     """negatives: [B, T] one item per position."""
-    real = labels > 0
-    h = h[real]
-    pos = (h * weight[labels[real]]).sum(-1)
-    neg = (h * weight[negatives[real]]).sum(-1)
+    h, labels, positions = _select(h, labels, positions)
+    pos = (h * weight[labels]).sum(-1)
+    neg = (h * weight[negatives.flatten()[positions]]).sum(-1)
     return (F.softplus(-pos).mean() + F.softplus(neg).mean()) / 2
 
 
@@ -82,38 +101,37 @@ class _ChunkedCE(torch.autograd.Function):
                 None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None)
 
 
-def ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor | None = None,
+       chunk: int | None = None) -> torch.Tensor:
     """Full-catalogue softmax CE; `weight` rows 1..num_items are the candidates (no padding)."""
-    real = labels > 0
+    h, labels, _ = _select(h, labels, positions)
     candidates = weight[1:]
     if candidates.dtype != h.dtype:  # under autocast the hidden states may be bf16
         candidates = candidates.to(h.dtype)
     chunk = chunk or max(64, CE_CHUNK_ELEMENTS // len(candidates))
-    return _ChunkedCE.apply(h[real], candidates, labels[real] - 1, chunk)
+    return _ChunkedCE.apply(h, candidates, labels - 1, chunk)
 
 
 def sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor,
-               groups: list[tuple[torch.Tensor, int]] | None = None) -> torch.Tensor:
+               groups: list[tuple[torch.Tensor, int, torch.Tensor]] | None = None) -> torch.Tensor:
     """negatives: [B, N], shared by every step of sequence b (the paper's loss (3)).
 
-    `groups` (rows, width) splits the batch into rows of similar length, each trimmed to its
-    own longest window, so the [rows, width, N] logits skip most of the right padding (a
-    Beauty batch is ~6.6 real steps per row but up to 50 wide). The value is the same.
+    `groups` (rows, width, real positions within the group) splits the batch into rows of
+    similar length, each trimmed to its own longest window, so the [rows, width, N] logits
+    skip most of the right padding (a Beauty batch is ~6.6 real steps per row but up to 50
+    wide). The value is the same as over the whole batch.
     """
     if groups is None:
-        groups = [(torch.arange(len(h), device=h.device), h.shape[1])]
-    total = torch.zeros((), device=h.device)
-    count = torch.zeros((), device=h.device)
-    for rows, width in groups:
+        groups = [(torch.arange(len(h), device=h.device), h.shape[1], None)]
+    terms = []
+    for rows, width, positions in groups:
         hg, yg = h[rows, :width], labels[rows, :width]
-        real = yg > 0
         pos = (hg * weight[yg]).sum(-1, keepdim=True)  # [b, T, 1]
         neg = torch.bmm(hg, weight[negatives[rows]].transpose(1, 2))  # [b, T, N]
-        logits = torch.cat([pos, neg], dim=-1)[real]
+        logits, _, _ = _select(torch.cat([pos, neg], dim=-1), yg, positions)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
-        total = total + (torch.logsumexp(logits, dim=-1) - logits[:, 0]).sum()
-        count = count + real.sum()
-    return total / count.clamp(min=1)
+        terms.append(torch.logsumexp(logits, dim=-1) - logits[:, 0])
+    return torch.cat(terms).mean()
 
 
 def _allowed(pool: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

@@ -52,41 +52,50 @@ def _last_items(windows: torch.Tensor, lengths: torch.Tensor, count: int) -> tor
     return torch.where(full, windows[:, 1:], windows[:, :-1])
 
 
-def length_groups(lengths: np.ndarray, device: torch.device, count: int = 4) -> list[tuple[torch.Tensor, int]]:
-    """The batch's rows sorted by window length in `count` groups, each with its number of
-    label steps (window length - 1), from host-side lengths: no device sync."""
+def length_groups(lengths: np.ndarray, device: torch.device, count: int = 4) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """The batch's rows sorted by window length in `count` groups: (rows, label steps, real
+    positions), all from host-side lengths, so no device sync."""
     order = np.argsort(lengths, kind="stable")
     groups = []
     for rows in np.array_split(order, count):
-        width = int(lengths[rows].max()) - 1 if len(rows) else 0
-        if width > 0:
-            groups.append((torch.as_tensor(rows, device=device), width))
+        steps = np.maximum(lengths[rows] - 1, 0)  # a window of n items has n - 1 labels
+        if len(rows) and steps.max() > 0:
+            width = int(steps.max())
+            groups.append((torch.as_tensor(rows, device=device), width, losses.real_positions(steps, width, device)))
     return groups
 
 
 def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: torch.Tensor, lengths: np.ndarray,
-               generator: torch.Generator) -> torch.Tensor:
-    """The training loss of one batch of users; `lengths` are their window lengths (host-side)."""
+               generator: torch.Generator, rng: np.random.Generator) -> torch.Tensor:
+    """The training loss of one batch of users; `lengths` are their window lengths (host-side).
+
+    Which positions are real (and, for BERT4Rec, which are masked) is decided on the host, so
+    the step runs without a device-to-host sync.
+    """
     width = int(lengths.max())
     windows = data.train_windows[users]
     weight = model.item_emb.weight[: data.num_items + 1]
     if cfg.model == "bert4rec":
         # BERT4Rec trains on the last L training items, each masked with probability 0.2.
-        sequence = _last_items(windows, data.train_lengths[users], data.max_len)[:, : min(width, data.max_len)]
-        masked = (torch.rand(sequence.shape, generator=generator, device=sequence.device) < BERT_MASK_PROB)
-        masked &= sequence > 0
-        hidden = model(sequence.masked_fill(masked, model.mask_id))
-        return losses.ce(hidden, sequence * masked, weight)
+        seq_lengths = np.minimum(lengths, data.max_len)
+        width = int(seq_lengths.max())
+        sequence = _last_items(windows, data.train_lengths[users], data.max_len)[:, :width]
+        masked = (rng.random((len(lengths), width)) < BERT_MASK_PROB) & (np.arange(width) < seq_lengths[:, None])
+        masked_t = torch.as_tensor(masked, device=sequence.device)
+        hidden = model(sequence.masked_fill(masked_t, model.mask_id))
+        positions = torch.as_tensor(np.flatnonzero(masked), device=sequence.device)
+        return losses.ce(hidden, sequence, weight, positions)
     windows = windows[:, :width]  # right padding: trimming it changes nothing for a causal model
     inputs, labels = windows[:, :-1], windows[:, 1:]
     hidden = model(inputs)
-    if cfg.loss == "ce":
-        return losses.ce(hidden, labels, weight)
     if cfg.loss == "sampled_ce":
         negatives = losses.shared_negatives(data.negative_pool, data.pool_items, windows, cfg.negatives, generator)
         return losses.sampled_ce(hidden, labels, weight, negatives, length_groups(lengths, users.device))
+    positions = losses.real_positions(np.maximum(lengths - 1, 0), width - 1, users.device)
+    if cfg.loss == "ce":
+        return losses.ce(hidden, labels, weight, positions)
     negatives = losses.position_negatives(data.negative_pool, windows, labels.shape[1], generator)
-    return losses.bce(hidden, labels, weight, negatives)
+    return losses.bce(hidden, labels, weight, negatives, positions)
 
 
 def sequence_scorer(model: nn.Module, cfg: TrialConfig, data: SequenceData, history: torch.Tensor,
@@ -182,7 +191,7 @@ def fit(model: nn.Module, cfg: TrialConfig, data: SequenceData, device: torch.de
             if lengths.max() < 2 and cfg.model != "bert4rec":
                 continue  # one-item windows have no next item to predict
             with autocast():
-                loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device), lengths, generator)
+                loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device), lengths, generator, order_rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

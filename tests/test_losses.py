@@ -136,3 +136,12 @@ def test_sampled_ce_by_length_groups_equals_the_whole_batch():
     assert abs(float(whole.detach()) - float(grouped.detach())) < 1e-12
     for a, b in zip(_grads(whole, h, w), _grads(grouped, h, w)):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_host_side_positions_match_the_label_mask():
+    lengths = np.array([3, 0, 5, 1])
+    labels = torch.zeros(4, 5, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        labels[b, :n] = 7
+    positions = losses.real_positions(lengths, 5, "cpu")
+    assert positions.tolist() == torch.nonzero(labels.flatten() > 0).squeeze(1).tolist()
