@@ -11,6 +11,7 @@ growing). Ray itself is not needed: this is what Tune's fractional GPUs amount t
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -21,9 +22,12 @@ def run(k: int, args) -> float:
                "--max-epochs", str(args.epochs), "--patience", str(args.epochs), "--device", args.device]
     if args.negatives:
         command += ["--negatives", str(args.negatives)]
+    # k processes share the CPU cores as Ray would give them out (cpus per trial = cores / k);
+    # unlimited OpenMP threads in each would oversubscribe the cores and measure thrashing.
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // k)))
     started = time.perf_counter()
     processes = [subprocess.Popen(command + ["--seed", str(seed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True) for seed in range(k)]
+                                  text=True, env=env) for seed in range(k)]
     for p in processes:
         _, err = p.communicate()
         if p.returncode:
