@@ -35,7 +35,8 @@ def records_table(records: list[dict]) -> pd.DataFrame:
                         "train_seconds": r["train_seconds"], "seconds_per_epoch": r["seconds_per_epoch"],
                         "device": r["device"]})
         else:
-            row["error"] = (r.get("error") or "").strip().splitlines()[-1:] and r["error"].strip().splitlines()[-1]
+            lines = (r.get("error") or "").strip().splitlines()
+            row["error"] = lines[-1] if lines else ""  # the exception line of the traceback
         row.update({"node_id": r.get("node_id"), "host": r.get("host")})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -13,7 +13,6 @@ import platform
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -194,10 +193,6 @@ class TrialLog(tune.Callback):
 
 
 def _error_text(trial) -> str:
-    try:
-        path = Path(trial.local_path or "") / "error.txt"
-        if path.is_file():
-            return path.read_text()[-4000:]
-    except Exception:  # noqa: BLE001 - the error text is best effort; the failure itself is recorded
-        return traceback.format_exc(limit=1)
-    return str(getattr(trial, "error_msg", "") or "trial failed")
+    """The trial's last error as Tune saved it (error.txt in the trial folder)."""
+    path = Path(trial.local_path or "") / "error.txt"
+    return path.read_text()[-4000:] if path.is_file() else str(getattr(trial, "error_msg", "") or "trial failed")
