@@ -66,7 +66,7 @@ def trainable(config: dict[str, Any]) -> None:
     key = trial_key(cfg)
     stage = config.get("stage", "seeds")
     done = read_record(run_dir, key)
-    if done is not None:
+    if done is not None and done["status"] == "ok":  # a failed trial's record is replaced when it runs again
         if stage not in done["stages"]:  # e.g. a search trial that is also the chosen setting's seed run
             done["stages"].append(stage)
             write_record(run_dir, key, done)
@@ -181,7 +181,8 @@ class TrialLog(tune.Callback):
         cfg = trial_config(trial.config)
         key = trial_key(cfg)
         error = _error_text(trial)
-        if read_record(self.run_dir, key) is None:
+        previous = read_record(self.run_dir, key)
+        if previous is None or previous["status"] != "ok":  # the latest failure replaces an older one
             write_record(self.run_dir, key, {
                 "key": key, "stages": [self.stage], "status": "failed", "error": error, "label": cfg.label,
                 "config": cfg.to_dict(), "searched": trial.config.get("search", {}),

@@ -14,7 +14,7 @@ import pytest
 
 from raysweep.errors import UserError
 from raysweep.results import load_records
-from raysweep.run import RunLock, prepare_run_dir, run_sweep
+from raysweep.run import prepare_run_dir, run_lock, run_sweep
 
 METRICS = ["test_hr@10", "test_ndcg@10", "test_hr@100", "test_ndcg@100", "best_epoch", "epochs"]
 
@@ -75,6 +75,15 @@ def test_trial_that_keeps_failing_is_recorded_and_the_sweep_completes(ray_cluste
     report = (run_dir / "report" / "table2.md").read_text()
     assert "## Failed trials" in report and "SASRec+ seed 0: RuntimeError: injected failure at epoch 2" in report
     assert "| GRU4Rec |" in report
+    # --resume runs the failed trial again (its failed record is not taken as finished) and
+    # records the same failure once; the finished trial is not run again.
+    failed_key = results.loc["SASRec+", "key"]
+    starts_before = _tune_epochs(run_dir, failed_key).count(1)
+    run_sweep(_spec(tmp_path, FAILING), results=tmp_path / "run", resume=True)
+    assert _tune_epochs(run_dir, failed_key).count(1) > starts_before  # it trained again
+    again = pd.read_parquet(run_dir / "results.parquet").set_index("label")
+    assert len(again) == 2 and "injected failure at epoch 2" in again.loc["SASRec+", "error"]
+    assert again.loc["GRU4Rec", "train_seconds"] == results.loc["GRU4Rec", "train_seconds"]
 
 
 LOST_NODE = """
@@ -173,7 +182,7 @@ def test_second_driver_on_the_same_run_directory_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     spec = _spec(tmp_path, DRIVER)
-    with RunLock(run_dir):
+    with run_lock(run_dir):
         result = subprocess.run([sys.executable, "-m", "raysweep.run", str(spec), "--results", str(run_dir)],
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
