@@ -16,6 +16,7 @@ training window (the paper's rule), and are drawn on the device.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -141,6 +142,7 @@ def _allowed(pool: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     return allowed
 
 
+@functools.lru_cache(maxsize=64)  # the same (N, pool, window) every step of a trial
 def _draws_needed(n: int, pool_size: int, window: int) -> int | None:
     """How many draws with replacement leave N distinct allowed items (8 sigma), or None
     when that would take more than 4N draws (N near the pool size: sample densely instead)."""

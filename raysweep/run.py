@@ -9,7 +9,7 @@ the dashboard on 127.0.0.1); with `--address auto` / RAY_ADDRESS it joins a clus
 from __future__ import annotations
 
 import argparse
-import fcntl
+import contextlib
 import os
 import shutil
 import sys
@@ -48,30 +48,22 @@ def trial_table(trials: list[Trial], gpus: float, cpus: float) -> str:
     return "\n".join(lines)
 
 
-class RunLock:
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
     """Only one driver per run directory: a second one is refused, not interleaved."""
+    from filelock import FileLock, Timeout
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-
-    def __enter__(self):
-        try:
-            self.file = open(self.path, "a")
-        except OSError as exc:
-            raise UserError(f"{self.path.parent}: results directory is not writable ({exc.strerror})") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise UserError(f"{self.path.parent}: another raysweep driver is running on this run directory") from None
-        self.file.truncate(0)
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+    lock = FileLock(run_dir / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{run_dir}: another raysweep driver is running on this run directory") from None
+    except OSError as exc:
+        raise UserError(f"{run_dir}: results directory is not writable ({exc.strerror})") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> None:
@@ -97,8 +89,8 @@ def start_ray(address: str | None) -> bool:
     """Join a cluster, or start a local single-node Ray bound to 127.0.0.1. True if local."""
     import ray
 
-    if ray.is_initialized():
-        return ray.get_runtime_context().gcs_address.startswith("127.0.0.1")
+    if ray.is_initialized():  # a caller (a notebook, the tests) already chose the cluster
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -126,7 +118,7 @@ def run_sweep(spec_path: Path, address: str | None = None, resume: bool = False,
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot create the results directory ({exc.strerror})") from None
-    with RunLock(run_dir):
+    with run_lock(run_dir):
         prepare_run_dir(run_dir, spec_path, resume)
         if spec.description:
             print(f"[raysweep] {spec.name}: {spec.description.strip()}", flush=True)
@@ -158,12 +150,9 @@ def _run_stages(spec: SweepSpec, trials: list[Trial], run_dir: Path, local: bool
             if entry.datasets is not None and dataset not in entry.datasets:
                 continue
             stage = f"search-{dataset}-{i}"
-            base = [t for t in trials if t.stage == stage]
-            for t in base:  # one search per N value of the entry
-                _tune_stage(stage + (f"-n{t.config.negatives}" if t.config.negatives else ""), run_dir, resume,
-                            spec, resources, search=(t, entry.search))
-            records = [r for r in load_records(run_dir)
-                       if any(s.startswith(stage) for s in r["stages"]) and r["status"] == "ok"]
+            [base] = [t for t in trials if t.stage == stage]  # a searched entry has one N
+            _tune_stage(stage, run_dir, resume, spec, resources, search=(base, entry.search))
+            records = [r for r in load_records(run_dir) if stage in r["stages"] and r["status"] == "ok"]
             if records:
                 top = max(records, key=lambda r: r["val"]["ndcg@10"])
                 best[dataset, i] = top["searched"]

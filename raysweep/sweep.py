@@ -177,7 +177,7 @@ def expand(spec: SweepSpec, where: str = "sweep") -> list[Trial]:
         for i, entry in enumerate(spec.models):
             if entry.datasets is not None and dataset not in entry.datasets:
                 continue
-            stage = "seeds" if entry.search is None else f"search-{dataset}-{i}"
+            stage = "seeds" if entry.search is None else f"search-{dataset}-{i}"  # run._run_stages uses the same name
             for seed in spec.seeds if entry.search is None else [spec.seeds[0]]:
                 for cfg in entry_trials(spec, i, dataset, seed, where):
                     trials.append(Trial(cfg, stage, trial_key(cfg)))
