@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from raysweep.errors import UserError, cli
-from raysweep.sweep import SweepSpec, Trial, entry_trials, expand, load_spec, trial_key
+from raysweep.config import trial_key
+from raysweep.sweep import SweepSpec, Trial, entry_trials, expand, load_spec
 from raysweep.train import check_negatives, load_split
 from raysweep.split import sequence_data
 
@@ -85,19 +86,33 @@ def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> None:
         leftover.unlink()  # half-written files of a killed driver or trial; never renamed, never read
 
 
+# Ray's switch for a single-machine Ray (named for the platforms where it is the default).
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def start_ray(address: str | None) -> bool:
     """Join a cluster, or start a local single-node Ray bound to 127.0.0.1. True if local."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        # Ray binds its gRPC servers (GCS, raylet, workers, agents) to the node's address, and
+        # on Linux it never takes the loopback address as a node's, even when asked to. Its own
+        # single-machine switch (read when ray is imported, inherited by every Ray process)
+        # makes the node address 127.0.0.1, so a local sweep opens no port beyond this machine.
+        os.environ.setdefault(LOOPBACK_SWITCH, "0")
     import ray
 
     if ray.is_initialized():  # a caller (a notebook, the tests) already chose the cluster
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
     # address="local": a new single-node Ray even if another one runs on this machine.
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
-    print("[raysweep] local Ray: dashboard at http://127.0.0.1:8265", flush=True)
+    node_ip = ray.util.get_node_ip_address()
+    print(f"[raysweep] local Ray on {node_ip}: dashboard at http://127.0.0.1:8265", flush=True)
+    if node_ip != "127.0.0.1":
+        print(f"[raysweep] warning: ray was imported before raysweep started it, so Ray's ports listen on {node_ip} "
+              f"too; set {LOOPBACK_SWITCH}=0 before importing ray to keep them on 127.0.0.1", file=sys.stderr, flush=True)
     return True
 
 

@@ -208,14 +208,33 @@ def test_full_results_directory_fails_before_any_trial(tmp_path, monkeypatch):
     assert not (tmp_path / "spec.yaml").exists()
 
 
-def test_local_mode_dashboard_is_on_loopback_and_needs_the_token(tmp_path):
-    """A fresh local Ray as `raysweep.run` starts it, with Ray's default (token) auth."""
+def test_local_mode_listens_on_loopback_only_and_the_dashboard_needs_the_token(tmp_path):
+    """A fresh local Ray as `raysweep.run` starts it, with Ray's default (token) auth: every
+    port that Ray's processes (GCS, raylet, dashboard, agents, a worker) listen on is on 127.0.0.1."""
     probe = """
-import subprocess, urllib.request, urllib.error
+import os, re, subprocess, time, urllib.request, urllib.error
 from raysweep.run import start_ray
 start_ray(None)
-listening = subprocess.run(["ss", "-ltnH", "sport = :8265"], capture_output=True, text=True).stdout.split()
-print("LISTEN", [w for w in listening if w.endswith(":8265")])
+import ray
+ray.get(ray.remote(lambda: 1).remote())  # a worker process with its own gRPC server
+time.sleep(5)  # the agents open their ports after start-up
+parents = {}
+for stat in os.listdir("/proc"):
+    if stat.isdigit():
+        try:
+            parents[int(stat)] = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            pass
+ours = {os.getpid()}
+while True:
+    more = {pid for pid, parent in parents.items() if parent in ours} - ours
+    if not more:
+        break
+    ours |= more
+for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
+    pids = {int(p) for p in re.findall(r"pid=(\\d+)", line)}
+    if pids & ours:
+        print("LISTEN", line.split()[3], sorted(set(re.findall(r'"([^"]+)"', line))))
 try:
     urllib.request.urlopen("http://127.0.0.1:8265/api/jobs/", timeout=10)
     print("STATUS 200")
@@ -224,5 +243,11 @@ except urllib.error.HTTPError as exc:
 """
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180).stdout
-    assert "LISTEN ['127.0.0.1:8265']" in out, out
+    listening = [line.split()[1:] for line in out.splitlines() if line.startswith("LISTEN")]
+    processes = " ".join(line[1] for line in listening)
+    assert "127.0.0.1:8265" in [line[0] for line in listening], out
+    for needed in ("gcs_server", "raylet", "DashboardA", "RuntimeEnv"):  # the servers Ray starts on a node
+        assert needed in processes, out
+    exposed = [line for line in listening if line[0].rsplit(":", 1)[0] not in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]")]
+    assert not exposed, out
     assert "STATUS 401" in out or "STATUS 403" in out, out
