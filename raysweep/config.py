@@ -7,6 +7,8 @@ go through `TrialConfig.from_dict`, so an unknown key or a bad value is refused 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,3 +144,11 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
         if isinstance(value, kind):
             return
     raise UserError(f"{where}: setting {key!r} must be {' or '.join(parts)}, got {value!r}")
+
+
+def trial_key(cfg: TrialConfig) -> str:
+    """`<dataset>-<model>-<loss>[-N]-s<seed>-<hash>`: readable, and unique per settings."""
+    identity = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "data_dir", "mirror", "extra")}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    parts = [cfg.dataset.replace("/", "_"), cfg.model, cfg.loss or "", str(cfg.negatives or ""), f"s{cfg.seed}", digest]
+    return "-".join(p for p in parts if p)

@@ -8,11 +8,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from raysweep import faults
 from raysweep.atomic import atomic_write
+
+
+def record_dir(run_dir: Path, key: str) -> Path:
+    return Path(run_dir) / "trials" / key
+
+
+def read_record(run_dir: Path, key: str) -> dict[str, Any] | None:
+    path = record_dir(run_dir, key) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_record(run_dir: Path, key: str, record: dict[str, Any], history: list[dict] | None = None) -> None:
+    folder = record_dir(run_dir, key)
+    if history is not None:
+        atomic_write(folder / "history.parquet", lambda tmp: pd.DataFrame(history).to_parquet(tmp, index=False))
+    # result.json last: its presence means the trial is finished, history included.
+    atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def load_records(run_dir: Path) -> list[dict]:

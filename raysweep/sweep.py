@@ -7,8 +7,6 @@ and the key path (`sweeps/x.yaml: models[1].negatives: ...`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raysweep.config import TrialConfig
+from raysweep.config import TrialConfig, trial_key
 from raysweep.data import get_dataset
 from raysweep.errors import UserError
 
@@ -94,14 +92,6 @@ class Trial:
     config: TrialConfig
     stage: str  # "seeds", or "search:<dataset>:<entry>"
     key: str  # stable id: the same settings give the same key (resume, deduplication)
-
-
-def trial_key(cfg: TrialConfig) -> str:
-    """`<dataset>-<model>-<loss>[-N]-s<seed>-<hash>`: readable, and unique per settings."""
-    identity = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "data_dir", "mirror", "extra")}
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    parts = [cfg.dataset.replace("/", "_"), cfg.model, cfg.loss or "", str(cfg.negatives or ""), f"s{cfg.seed}", digest]
-    return "-".join(p for p in parts if p)
 
 
 def _error_path(loc: tuple) -> str:

@@ -8,7 +8,6 @@ even when Tune's own experiment snapshot is older than the crash.
 """
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import tempfile
@@ -16,36 +15,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import ray
 import torch
 from ray import tune
 
 from raysweep import faults
-from raysweep.atomic import atomic_write
-from raysweep.config import TrialConfig
-from raysweep.sweep import Distribution, trial_key
+from raysweep.config import TrialConfig, trial_key
+from raysweep.results import read_record, write_record
+from raysweep.sweep import Distribution
 from raysweep.train import run_trial
 
 CHECKPOINT_SECONDS = 60.0
 STATE_FILE = "state.pt"
-
-
-def record_dir(run_dir: Path, key: str) -> Path:
-    return Path(run_dir) / "trials" / key
-
-
-def read_record(run_dir: Path, key: str) -> dict[str, Any] | None:
-    path = record_dir(run_dir, key) / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_record(run_dir: Path, key: str, record: dict[str, Any], history: list[dict] | None = None) -> None:
-    folder = record_dir(run_dir, key)
-    if history is not None:
-        atomic_write(folder / "history.parquet", lambda tmp: pd.DataFrame(history).to_parquet(tmp, index=False))
-    # result.json last: its presence means the trial is finished, history included.
-    atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def trial_config(config: dict[str, Any]) -> TrialConfig:

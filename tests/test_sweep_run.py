@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from raysweep.results import load_records
 from raysweep.run import run_sweep

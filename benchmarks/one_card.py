@@ -1,0 +1,137 @@
+"""Table 2 on one card: the grid's trials as `raysweep.train` processes sharing one device.
+
+    python benchmarks/one_card.py [--datasets ml-1m beauty] [--concurrent 4] [--device cuda]
+                                  [--seed 0] [--out runs/table2-one-card] [--max-epochs E]
+
+The trials of sweeps/table2.yaml (GRID below; a test keeps the two equal) for the chosen
+datasets, `--concurrent` processes at a time, the longest first, the machine's CPU threads
+split between them: what Tune's fractional GPUs amount to, without Ray (the lent GPU
+machine has none). Each finished trial becomes a record in a sweep's run-directory layout,
+so the same results.parquet, Table 2 and Figure 1 come out (`python -m raysweep.report OUT`),
+and a rerun skips the trials already recorded. Prints the grid's wall-clock, the figure the
+speed issue gates ("ML-1M + Beauty Table 2 in <= 10 minutes on one card").
+BPR-MF needs `implicit`; without it its rows are reported as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from raysweep.config import TrialConfig, trial_key
+from raysweep.results import read_record, write_record, write_results
+
+# sweeps/table2.yaml's models and settings (the paper's Table 2 rows).
+GRID = [
+    dict(model="bpr", factors=128, bpr_lr=0.05, regularization=0.01, iterations=100),
+    dict(model="gru4rec", loss="ce"),
+    dict(model="bert4rec"),
+    dict(model="sasrec", loss="bce"),
+    dict(model="sasrec", loss="ce"),
+    dict(model="sasrec", loss="sampled_ce", negatives=3000),
+]
+SETTINGS = dict(val_users=10000)
+
+
+def trials(datasets: list[str], seed: int, device: str, max_epochs: int | None) -> list[TrialConfig]:
+    """The grid, longest trials first (long sequences, then BERT4Rec's doubled budget)."""
+    configs = []
+    for dataset in datasets:
+        for row in GRID:
+            extra = {} if max_epochs is None or row["model"] == "bpr" else dict(max_epochs=max_epochs)
+            configs.append(TrialConfig.from_dict(dict(SETTINGS, dataset=dataset, seed=seed, device=device, **row,
+                                                      **extra)).resolved())
+    return sorted(configs, key=lambda c: -(c.max_len or 0) * (2 if c.model == "bert4rec" else 1))
+
+
+def command(cfg: TrialConfig, out: Path) -> list[str]:
+    """`python -m raysweep.train` with every setting of the trial as a flag."""
+    args = [sys.executable, "-m", "raysweep.train", "--out", str(out)]
+    for name, value in cfg.to_dict().items():
+        if name == "extra" or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return args
+
+
+def record(cfg: TrialConfig, out: Path, started: float, returncode: int, log: Path,
+           resources: dict) -> tuple[dict, list | None]:
+    """The trial's record as a sweep writes it (`status` failed with the log's tail when it failed)."""
+    base = dict(key=trial_key(cfg), stages=["seeds"], searched={}, node_id=None, host=platform.node(),
+                started_at=started, finished_at=time.time(), resources=resources)
+    if returncode == 0:
+        metrics = json.loads((out / "metrics.json").read_text())
+        history = pd.read_parquet(out / "history.parquet").to_dict("records")
+        return dict(metrics, **base, status="ok"), history
+    tail = log.read_text(errors="replace").strip().splitlines()[-20:]
+    return dict(base, label=cfg.label, config=cfg.to_dict(), status="failed",
+                error="\n".join(tail) or f"exit status {returncode}"), None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"])
+    parser.add_argument("--concurrent", type=int, default=4, help="trial processes at once on the device")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-epochs", type=int, default=None, help="cap (a quick check); default: the paper's")
+    parser.add_argument("--out", type=Path, default=Path("runs/table2-one-card"))
+    args = parser.parse_args()
+    run_dir = args.out.resolve()
+    grid = trials(args.datasets, args.seed, args.device, args.max_epochs)
+    skipped = [c for c in grid if c.model == "bpr" and importlib.util.find_spec("implicit") is None]
+    todo = [c for c in grid if c not in skipped and (read_record(run_dir, trial_key(c)) or {}).get("status") != "ok"]
+    threads = max(1, (os.cpu_count() or 1) // args.concurrent)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    print(f"[one_card] {len(grid)} trials ({len(grid) - len(todo) - len(skipped)} already recorded, "
+          f"{len(skipped)} BPR-MF skipped: implicit is not installed), {args.concurrent} at once on {args.device}, "
+          f"{threads} CPU threads each; run directory {run_dir}", flush=True)
+    started = time.perf_counter()
+    running: dict[subprocess.Popen, tuple[TrialConfig, Path, float, Path]] = {}
+    while todo or running:
+        while todo and len(running) < args.concurrent:
+            cfg = todo.pop(0)
+            work = run_dir / "work" / trial_key(cfg)
+            work.mkdir(parents=True, exist_ok=True)
+            log = work / "train.log"
+            with log.open("w") as sink:
+                process = subprocess.Popen(command(cfg, work), stdout=sink, stderr=subprocess.STDOUT, env=env)
+            running[process] = (cfg, work, time.time(), log)
+            print(f"[one_card] start {cfg.dataset} {cfg.label}", flush=True)
+        time.sleep(0.2)
+        for process in [p for p in running if p.poll() is not None]:
+            cfg, work, began, log = running.pop(process)
+            rec, history = record(cfg, work, began, process.returncode, log,
+                                  dict(concurrent=args.concurrent, cpu_threads=threads))
+            write_record(run_dir, rec["key"], rec, history)
+            write_results(run_dir)
+            if rec["status"] == "ok":
+                print(f"[one_card] done  {cfg.dataset} {cfg.label}: {rec['epochs']} epochs, "
+                      f"{rec['seconds_per_epoch']:.2f} s/epoch, test NDCG@10 {rec['test']['ndcg@10']:.4f} "
+                      f"[{time.perf_counter() - started:.0f} s]", flush=True)
+            else:
+                print(f"[one_card] FAILED {cfg.dataset} {cfg.label}: {rec['error'].splitlines()[-1]}", flush=True)
+    wall = time.perf_counter() - started
+    from raysweep.report import write_report
+
+    try:
+        written = write_report(run_dir)
+    except ImportError as exc:  # figures need matplotlib; the tables do not
+        written = [f"no figures ({exc})"]
+    print(f"\n{len(grid) - len(skipped)} trials on {args.device}, {args.concurrent} at once: {wall:.0f} s wall-clock\n")
+    print((run_dir / "report" / "table2.md").read_text())
+    print("written:", ", ".join(str(p) for p in written))
+
+
+if __name__ == "__main__":
+    main()

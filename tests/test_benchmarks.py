@@ -1,0 +1,50 @@
+"""The one-card Table 2 runner (benchmarks/one_card.py), on synthetic data on the CPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from raysweep.config import TrialConfig
+from raysweep.sweep import expand, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import one_card  # noqa: E402
+
+
+def test_the_grid_is_table2_yaml():
+    spec = load_spec(ROOT / "sweeps" / "table2.yaml")
+    from_sweep = sorted((t.config for t in expand(spec, "table2.yaml") if t.config.dataset in ("ml-1m", "beauty")),
+                        key=lambda c: c.label)
+    ours = sorted((TrialConfig.from_dict(c.to_dict()) for c in one_card.trials(["ml-1m", "beauty"], 0, "auto", None)),
+                  key=lambda c: c.label)
+    assert [c.resolved() for c in from_sweep] == ours
+
+
+def test_one_card_runs_the_grid_records_failures_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "one_card.py"), "--datasets", "synthetic-chains",
+           "--max-epochs", "1", "--concurrent", "2", "--device", "cpu", "--out", str(run_dir)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    results = pd.read_parquet(run_dir / "results.parquet").set_index("label")
+    # synthetic-chains has 300 items: N = 3000 cannot be drawn, and that trial alone fails, with the reason.
+    assert sorted(results.index) == sorted(["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+", "SASRec+ 3000"])
+    assert results.loc["SASRec+ 3000", "status"] == "failed"
+    assert "N=3000 negatives is more than the pool allows" in results.loc["SASRec+ 3000", "error"]
+    ok = results[results["status"] == "ok"]
+    assert len(ok) == 5 and (ok["epochs"] <= 100).all()
+    assert ok.loc["SASRec", "test_ndcg@10"] > 0.5  # one epoch of the planted chains is enough for SASRec
+    table = (run_dir / "report" / "table2.md").read_text()
+    assert "| SASRec+ | 1 |" in table and "## Failed trials" in table
+    finished = {p.parent.name: json.loads(p.read_text())["finished_at"] for p in run_dir.glob("trials/*/result.json")}
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "6 trials (5 already recorded" in again.stdout
+    assert again.stdout.count("[one_card] start") == 1  # only the failed trial runs again
+    for key, when in finished.items():
+        record = json.loads((run_dir / "trials" / key / "result.json").read_text())
+        assert record["finished_at"] == when or record["status"] == "failed"
