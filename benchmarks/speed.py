@@ -1,6 +1,6 @@
 """Seconds per epoch (training + validation) against the paper's code and the targets.
 
-    python benchmarks/speed.py [--device cuda] [--epochs 2] [--steps 0] [--only beauty-sasrec+ ...]
+    python benchmarks/speed.py [--device cuda] [--epochs 2] [--steps 0] [--compile] [--only beauty-sasrec+ ...]
 
 Each row trains real epochs of the shared trainer on the real data with the paper's settings
 and reports the last epoch (the first pays for warm-up). `--steps K` (CPU) times K training
@@ -32,12 +32,19 @@ ROWS = {
 }
 
 
-def epoch_seconds(cfg: TrialConfig, device: torch.device, epochs: int, steps: int) -> tuple[float, float, str]:
-    """(train seconds, validation seconds) of one epoch, and how they were measured."""
+def epoch_seconds(cfg: TrialConfig, device: torch.device, epochs: int, steps: int,
+                  compile: bool = False) -> tuple[float, float, str]:
+    """(train seconds, validation seconds) of one epoch, and how they were measured.
+
+    `compile`: the model's forward through torch.compile (dynamic shapes: every batch is
+    trimmed to its own longest window), the losses and the evaluator as they are.
+    """
     data = sequence_data(load_split(cfg), cfg.max_len, device)
     torch.manual_seed(0)
     model = build_model(cfg.model, data.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.max_len, cfg.dropout)
     model = model.to(device)
+    if compile:
+        model = torch.compile(model, dynamic=True)
     if not steps:
         history = fit(model, cfg, data, device).history  # max_epochs = epochs, patience large
         return history[-1]["train_seconds"], history[-1]["val_seconds"], f"epoch {epochs} of {epochs}"
@@ -51,8 +58,10 @@ def epoch_seconds(cfg: TrialConfig, device: torch.device, epochs: int, steps: in
     order = order_rng.permutation(data.num_users)
     generator = torch.Generator(device=device).manual_seed(0)
     batches = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
-    for i, batch in enumerate(batches[: steps + 2]):
-        if i == 2:  # two warm-up steps
+    # Warm-up steps: a compiled model recompiles once more for dynamic shapes, a few steps in.
+    warm = 20 if compile else 2
+    for i, batch in enumerate(batches[: steps + warm]):
+        if i == warm:
             if cuda:
                 torch.cuda.synchronize()
             started = time.perf_counter()
@@ -75,6 +84,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=0, help="time this many steps and scale (0: whole epochs)")
+    parser.add_argument("--compile", action="store_true", help="the model's forward through torch.compile")
     args = parser.parse_args()
     device = resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -86,11 +96,11 @@ def main() -> None:
     for name in args.only:
         settings, paper, target = ROWS[name]
         cfg = TrialConfig.from_dict(dict(settings, device=str(device), max_epochs=args.epochs, patience=args.epochs))
-        train, val, how = epoch_seconds(cfg, device, args.epochs, args.steps)
+        train, val, how = epoch_seconds(cfg, device, args.epochs, args.steps, args.compile)
         total = train + val
         ratio = f"{paper / total:.1f}x" if same_card else "- (other device)"
-        print(f"| {name} | {train:.2f} | {val:.2f} | {total:.2f} | {paper:.2f} | {ratio} | "
-              f"<= {target:.2f} {'(met)' if total <= target else ''} | {how} |", flush=True)
+        print(f"| {name}{' (compiled)' if args.compile else ''} | {train:.2f} | {val:.2f} | {total:.2f} | {paper:.2f} "
+              f"| {ratio} | <= {target:.2f} {'(met)' if total <= target else ''} | {how} |", flush=True)
 
 
 if __name__ == "__main__":
