@@ -86,6 +86,9 @@ def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> None:
         leftover.unlink()  # half-written files of a killed driver or trial; never renamed, never read
 
 
+# Where run directories go when neither --results nor the sweep's `results` says (a cluster's
+# shared file system: every node writes its trials' records there).
+RUNS_ENV = "RAYSWEEP_RUNS_DIR"
 # Ray's switch for a single-machine Ray (named for the platforms where it is the default).
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -124,7 +127,7 @@ def run_sweep(spec_path: Path, address: str | None = None, resume: bool = False,
     where = str(spec_path)
     trials = expand(spec, where)
     check_trials(trials, where)
-    run_dir = Path(results or spec.results or Path("runs") / spec.name).resolve()
+    run_dir = Path(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / spec.name).resolve()
     if dry_run:
         print(f"sweep {spec.name}: results in {run_dir}")
         print(trial_table(trials, spec.resources.gpus, spec.resources.cpus))
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="join a running Ray cluster ('auto', or host:port)")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted sweep in its run directory")
     parser.add_argument("--dry-run", action="store_true", help="print the trial table and exit")
-    parser.add_argument("--results", type=Path, default=None, help="run directory (default: the sweep's 'results')")
+    parser.add_argument("--results", type=Path, default=None, help="run directory (default: the sweep's 'results', else $RAYSWEEP_RUNS_DIR/NAME or runs/NAME)")
     args = parser.parse_args(argv)
     run_sweep(args.sweep, args.address, args.resume, args.dry_run, args.results)
     return 0

@@ -1,4 +1,5 @@
 """Sweep files are validated into a typed spec before Ray starts: one line, file and key path."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,12 @@ def test_shipped_sweeps_validate_and_dry_run():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "SASRec+ 3000" in result.stdout and "trials" in result.stdout
+    assert f"results in {Path.cwd() / 'runs' / 'quickstart'}" in result.stdout
+
+
+def test_runs_directory_comes_from_the_environment_when_the_sweep_names_none(tmp_path):
+    env = dict(os.environ, RAYSWEEP_RUNS_DIR=str(tmp_path / "shared"))
+    result = subprocess.run([sys.executable, "-m", "raysweep.run", str(SWEEPS / "quickstart.yaml"), "--dry-run"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"results in {tmp_path / 'shared' / 'quickstart'}" in result.stdout
