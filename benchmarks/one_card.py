@@ -15,7 +15,6 @@ BPR-MF needs `implicit`; without it its rows are reported as skipped.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os

@@ -28,9 +28,10 @@ def _real_positions(labels):
 def test_ce_matches_loop():
     h, w, labels = _inputs()
     got = losses.ce(h, labels, w)
+    hd, wd = h.detach(), w.detach()  # the reference loop is plain arithmetic
     terms = []
     for b, t in _real_positions(labels):
-        logits = [float(h[b, t] @ w[i]) for i in range(1, len(w))]
+        logits = [float(hd[b, t] @ wd[i]) for i in range(1, len(w))]
         lse = math.log(sum(math.exp(x) for x in logits))
         terms.append(lse - logits[labels[b, t] - 1])
     assert abs(float(got.detach()) - np.mean(terms)) < 1e-10
@@ -59,9 +60,10 @@ def test_sampled_ce_matches_loop():
     h, w, labels = _inputs()
     negatives = torch.tensor([[3, 7, 9], [1, 2, 5], [11, 12, 13], [20, 30, 40]])
     got = losses.sampled_ce(h, labels, w, negatives)
+    hd, wd = h.detach(), w.detach()  # the reference loop is plain arithmetic
     terms = []
     for b, t in _real_positions(labels):
-        logits = [float(h[b, t] @ w[labels[b, t]])] + [float(h[b, t] @ w[n]) for n in negatives[b]]
+        logits = [float(hd[b, t] @ wd[labels[b, t]])] + [float(hd[b, t] @ wd[n]) for n in negatives[b]]
         terms.append(math.log(sum(math.exp(x) for x in logits)) - logits[0])
     assert abs(float(got.detach()) - np.mean(terms)) < 1e-10
     real = labels > 0
@@ -75,10 +77,11 @@ def test_bce_matches_loop():
     h, w, labels = _inputs()
     negatives = torch.randint(1, 41, labels.shape, generator=torch.Generator().manual_seed(3))
     got = losses.bce(h, labels, w, negatives)
+    hd, wd = h.detach(), w.detach()  # the reference loop is plain arithmetic
     pos, neg = [], []
     for b, t in _real_positions(labels):
-        p = float(h[b, t] @ w[labels[b, t]])
-        n = float(h[b, t] @ w[negatives[b, t]])
+        p = float(hd[b, t] @ wd[labels[b, t]])
+        n = float(hd[b, t] @ wd[negatives[b, t]])
         pos.append(-math.log(1 / (1 + math.exp(-p))))
         neg.append(-math.log(1 - 1 / (1 + math.exp(-n))))
     assert abs(float(got.detach()) - (np.mean(pos) + np.mean(neg)) / 2) < 1e-10
