@@ -115,9 +115,10 @@ def main() -> None:
             write_record(run_dir, rec["key"], rec, history)
             write_results(run_dir)
             if rec["status"] == "ok":
-                print(f"[one_card] done  {cfg.dataset} {cfg.label}: {rec['epochs']} epochs, "
-                      f"{rec['seconds_per_epoch']:.2f} s/epoch, test NDCG@10 {rec['test']['ndcg@10']:.4f} "
-                      f"[{time.perf_counter() - started:.0f} s]", flush=True)
+                test = rec["test"]
+                print(f"[one_card] done  {cfg.dataset} {cfg.label}: best epoch {rec['best_epoch']} of {rec['epochs']}, "
+                      f"{rec['seconds_per_epoch']:.2f} s/epoch, test HR@10 {test['hr@10']:.4f} NDCG@10 "
+                      f"{test['ndcg@10']:.4f} [{time.perf_counter() - started:.0f} s]", flush=True)
             else:
                 print(f"[one_card] FAILED {cfg.dataset} {cfg.label}: {rec['error'].splitlines()[-1]}", flush=True)
     wall = time.perf_counter() - started
