@@ -114,8 +114,8 @@ def start_ray(address: str | None) -> bool:
     node_ip = ray.util.get_node_ip_address()
     print(f"[raysweep] local Ray on {node_ip}: dashboard at http://127.0.0.1:8265", flush=True)
     if node_ip != "127.0.0.1":
-        print(f"[raysweep] warning: ray was imported before raysweep started it, so Ray's ports listen on {node_ip} "
-              f"too; set {LOOPBACK_SWITCH}=0 before importing ray to keep them on 127.0.0.1", file=sys.stderr, flush=True)
+        print(f"[raysweep] warning: Ray's ports listen on {node_ip}, not only on 127.0.0.1 (ray was imported "
+              f"before raysweep could set {LOOPBACK_SWITCH}=0, or it is set otherwise)", file=sys.stderr, flush=True)
     return True
 
 
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="join a running Ray cluster ('auto', or host:port)")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted sweep in its run directory")
     parser.add_argument("--dry-run", action="store_true", help="print the trial table and exit")
-    parser.add_argument("--results", type=Path, default=None, help="run directory (default: the sweep's 'results', else $RAYSWEEP_RUNS_DIR/NAME or runs/NAME)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="run directory (default: the sweep's 'results', else $RAYSWEEP_RUNS_DIR/NAME or runs/NAME)")
     args = parser.parse_args(argv)
     run_sweep(args.sweep, args.address, args.resume, args.dry_run, args.results)
     return 0

@@ -251,3 +251,13 @@ except urllib.error.HTTPError as exc:
     exposed = [line for line in listening if line[0].rsplit(":", 1)[0] not in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]")]
     assert not exposed, out
     assert "STATUS 401" in out or "STATUS 403" in out, out
+
+
+def test_local_mode_says_so_when_ray_was_imported_too_early():
+    """The loopback switch is read when ray is imported: a caller who imported ray first is told."""
+    probe = "import ray\nfrom raysweep.run import start_ray\nstart_ray(None)\nray.shutdown()\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if line.startswith("[raysweep] warning")]
+    assert len(warning) == 1 and "not only on 127.0.0.1" in warning[0], result.stderr
