@@ -42,7 +42,11 @@ def test_ce_matches_loop():
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def test_chunked_ce_equals_plain_in_fp32():
+@pytest.mark.parametrize("torch_chunked", [False, True], ids=["raysweep", "torch"])
+def test_chunked_ce_equals_plain_in_fp32(torch_chunked, monkeypatch):
+    if torch_chunked and not losses.TORCH_CHUNKED_CE:
+        pytest.skip("this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
+    monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", torch_chunked)
     g = torch.Generator().manual_seed(1)
     h = torch.randn(8, 50, 32, generator=g, requires_grad=True)
     w = torch.randn(3001, 32, generator=g, requires_grad=True)
@@ -51,7 +55,9 @@ def test_chunked_ce_equals_plain_in_fp32():
     chunked = losses.ce(h, labels, w, chunk=97)  # 400 real rows: at least four chunks
     assert real.sum() > 3 * 97
     plain = torch.nn.functional.cross_entropy(h[real] @ w[1:].T, labels[real] - 1)
-    assert abs(float(chunked.detach()) - float(plain.detach())) < 1e-6
+    # 1e-6 relative: the loss is ~20.7 here, where one fp32 ulp is 1.9e-6 (the summation order
+    # of PyTorch's op differs from the plain one by that ulp); the gradients within 1e-6 absolute.
+    assert abs(float(chunked.detach()) - float(plain.detach())) <= 1e-6 * abs(float(plain.detach()))
     for a, b in zip(_grads(chunked, h, w), _grads(plain, h, w)):
         assert (a - b).abs().max() < 1e-6
 
