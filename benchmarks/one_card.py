@@ -1,20 +1,22 @@
-"""Table 2 on one card: the grid's trials as `raysweep.train` processes sharing one device.
+"""Table 2 on one card: a sweep's trials as `raysweep.train` processes sharing one device.
 
-    python benchmarks/one_card.py [--datasets ml-1m beauty] [--concurrent 4] [--device cuda]
-                                  [--seed 0] [--out runs/table2-one-card] [--max-epochs E]
+    python benchmarks/one_card.py [SWEEP=sweeps/table2.yaml] [--datasets ml-1m beauty]
+                                  [--concurrent 4] [--device cuda] [--max-epochs E] [--out DIR]
 
-The trials of sweeps/table2.yaml (GRID below; a test keeps the two equal) for the chosen
-datasets, `--concurrent` processes at a time, the longest first, the machine's CPU threads
-split between them: what Tune's fractional GPUs amount to, without Ray (the lent GPU
-machine has none). Each finished trial becomes a record in a sweep's run-directory layout,
-so the same results.parquet, Table 2 and Figure 1 come out (`python -m raysweep.report OUT`),
-and a rerun skips the trials already recorded. Prints the grid's wall-clock, the figure the
-speed issue gates ("ML-1M + Beauty Table 2 in <= 10 minutes on one card").
-BPR-MF needs `implicit`; without it its rows are reported as skipped.
+The trials of a grid sweep file (by default the paper's Table 2, on the datasets named, by
+default ML-1M and Beauty), `--concurrent` processes at a time, the longest first, the
+machine's CPU threads split between them: what Tune's fractional GPUs amount to, without Ray
+(the lent GPU machine has none). Each finished trial becomes a record in a sweep's
+run-directory layout, so the same results.parquet, Table 2 and Figure 1 come out
+(`python -m raysweep.report OUT`), and a rerun skips the trials already recorded. Prints the
+grid's wall-clock, the figure the speed issue gates ("ML-1M + Beauty Table 2 in <= 10
+minutes on one card"). BPR-MF needs `implicit`; without it its rows are reported as skipped.
+Entries with an Optuna search need the sweep driver (`python -m raysweep.run`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -27,28 +29,26 @@ from pathlib import Path
 import pandas as pd
 
 from raysweep.config import TrialConfig, trial_key
+from raysweep.errors import UserError, cli
 from raysweep.results import read_record, write_record, write_results
-
-# sweeps/table2.yaml's models and settings (the paper's Table 2 rows).
-GRID = [
-    dict(model="bpr", factors=128, bpr_lr=0.05, regularization=0.01, iterations=100),
-    dict(model="gru4rec", loss="ce"),
-    dict(model="bert4rec"),
-    dict(model="sasrec", loss="bce"),
-    dict(model="sasrec", loss="ce"),
-    dict(model="sasrec", loss="sampled_ce", negatives=3000),
-]
-SETTINGS = dict(val_users=10000)
+from raysweep.sweep import expand, load_spec
 
 
-def trials(datasets: list[str], seed: int, device: str, max_epochs: int | None) -> list[TrialConfig]:
-    """The grid, longest trials first (long sequences, then BERT4Rec's doubled budget)."""
+def trials(sweep: Path, datasets: list[str] | None, device: str, max_epochs: int | None) -> list[TrialConfig]:
+    """The sweep's trials on `datasets`, longest first (long sequences, BERT4Rec's doubled budget)."""
+    spec = load_spec(sweep)
+    if datasets:
+        spec = spec.model_copy(update={"datasets": datasets})
+    grid = expand(spec, str(sweep))
+    searched = sorted({t.stage for t in grid if t.stage != "seeds"})
+    if searched:
+        raise UserError(f"{sweep}: {searched[0]} is an Optuna search; run this sweep with python -m raysweep.run")
     configs = []
-    for dataset in datasets:
-        for row in GRID:
-            extra = {} if max_epochs is None or row["model"] == "bpr" else dict(max_epochs=max_epochs)
-            configs.append(TrialConfig.from_dict(dict(SETTINGS, dataset=dataset, seed=seed, device=device, **row,
-                                                      **extra)).resolved())
+    for t in grid:
+        cfg = dataclasses.replace(t.config, device=device)
+        if max_epochs is not None and cfg.model != "bpr":
+            cfg = dataclasses.replace(cfg, max_epochs=max_epochs)
+        configs.append(cfg.resolved())
     return sorted(configs, key=lambda c: -(c.max_len or 0) * (2 if c.model == "bert4rec" else 1))
 
 
@@ -77,17 +77,18 @@ def record(cfg: TrialConfig, out: Path, started: float, returncode: int, log: Pa
                 error="\n".join(tail) or f"exit status {returncode}"), None
 
 
+@cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"])
+    parser.add_argument("sweep", nargs="?", type=Path, default=Path("sweeps/table2.yaml"))
+    parser.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"], help="instead of the sweep's")
     parser.add_argument("--concurrent", type=int, default=4, help="trial processes at once on the device")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-epochs", type=int, default=None, help="cap (a quick check); default: the paper's")
+    parser.add_argument("--max-epochs", type=int, default=None, help="cap (a quick check); default: the sweep's")
     parser.add_argument("--out", type=Path, default=Path("runs/table2-one-card"))
     args = parser.parse_args()
     run_dir = args.out.resolve()
-    grid = trials(args.datasets, args.seed, args.device, args.max_epochs)
+    grid = trials(args.sweep, args.datasets, args.device, args.max_epochs)
     skipped = [c for c in grid if c.model == "bpr" and importlib.util.find_spec("implicit") is None]
     todo = [c for c in grid if c not in skipped and (read_record(run_dir, trial_key(c)) or {}).get("status") != "ok"]
     threads = max(1, (os.cpu_count() or 1) // args.concurrent)

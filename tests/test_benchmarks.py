@@ -6,26 +6,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from raysweep.config import TrialConfig
-from raysweep.sweep import expand, load_spec
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import one_card  # noqa: E402
 
 
-def test_the_grid_is_table2_yaml():
-    spec = load_spec(ROOT / "sweeps" / "table2.yaml")
-    from_sweep = sorted((t.config for t in expand(spec, "table2.yaml") if t.config.dataset in ("ml-1m", "beauty")),
-                        key=lambda c: c.label)
-    ours = sorted((TrialConfig.from_dict(c.to_dict()) for c in one_card.trials(["ml-1m", "beauty"], 0, "auto", None)),
-                  key=lambda c: c.label)
-    assert [c.resolved() for c in from_sweep] == ours
+def test_one_card_refuses_a_sweep_with_a_search():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "one_card.py"), str(ROOT / "sweeps" / "smoke.yaml"),
+                             "--datasets", "synthetic-chains"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {ROOT / 'sweeps' / 'smoke.yaml'}: search-synthetic-chains-5 is an "
+                                     "Optuna search; run this sweep with python -m raysweep.run")
 
 
 def test_one_card_runs_the_grid_records_failures_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "one_card.py"), "--datasets", "synthetic-chains",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "one_card.py"), str(ROOT / "sweeps" / "table2.yaml"),
+           "--datasets", "synthetic-chains",
            "--max-epochs", "1", "--concurrent", "2", "--device", "cpu", "--out", str(run_dir)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
