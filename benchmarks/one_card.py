@@ -30,7 +30,7 @@ import pandas as pd
 
 from raysweep.config import TrialConfig, trial_key
 from raysweep.errors import UserError, cli
-from raysweep.results import read_record, write_record, write_results
+from raysweep.results import failed_record, finished_record, read_record, write_record, write_results
 from raysweep.sweep import expand, load_spec
 
 
@@ -66,15 +66,15 @@ def command(cfg: TrialConfig, out: Path) -> list[str]:
 def record(cfg: TrialConfig, out: Path, started: float, returncode: int, log: Path,
            resources: dict) -> tuple[dict, list | None]:
     """The trial's record as a sweep writes it (`status` failed with the log's tail when it failed)."""
-    base = dict(key=trial_key(cfg), stages=["seeds"], searched={}, node_id=None, host=platform.node(),
-                started_at=started, finished_at=time.time(), resources=resources)
+    context = dict(searched={}, node_id=None, host=platform.node(), started_at=started, finished_at=time.time(),
+                   resources=resources)
     if returncode == 0:
         metrics = json.loads((out / "metrics.json").read_text())
         history = pd.read_parquet(out / "history.parquet").to_dict("records")
-        return dict(metrics, **base, status="ok"), history
+        return finished_record(metrics, trial_key(cfg), "seeds", **context), history
     tail = log.read_text(errors="replace").strip().splitlines()[-20:]
-    return dict(base, label=cfg.label, config=cfg.to_dict(), status="failed",
-                error="\n".join(tail) or f"exit status {returncode}"), None
+    error = "\n".join(tail) or f"exit status {returncode}"
+    return failed_record(cfg, trial_key(cfg), "seeds", error, **context), None
 
 
 @cli

@@ -1,9 +1,12 @@
 """Seconds per epoch (training + validation) against the paper's code and the targets.
 
-    python benchmarks/speed.py [--device cuda] [--epochs 2] [--steps 0] [--compile [MODE]] [--only beauty-sasrec+ ...]
+    python benchmarks/speed.py [--device cuda] [--epochs 2 | --converge] [--steps 0] [--compile [MODE]]
+                               [--only beauty-sasrec+ ...]
 
 Each row trains real epochs of the shared trainer on the real data with the paper's settings
-and reports the last epoch (the first pays for warm-up). `--steps K` (CPU) times K training
+and reports the median epoch after the first (which pays for warm-up), with the test NDCG@10
+of the same run: after `--epochs` epochs, or, with `--converge`, after training by the
+paper's rule, next to the paper's where ANCHORS.md has it. `--steps K` (CPU) times K training
 steps and one validation pass instead and scales them to a whole epoch; the table says so.
 Reference seconds: the paper's code on an H100 (ANCHORS.md); compare only on that card.
 """
@@ -19,7 +22,10 @@ from raysweep.config import TrialConfig
 from raysweep.models import build_model
 from raysweep.split import sequence_data
 from raysweep.train import load_split, resolve_device
-from raysweep.trainer import batch_loss, evaluate_split, fit, validation_users
+from raysweep.trainer import (autocast_for, epoch_batches, evaluate_split, fit, make_optimizer, train_steps,
+                              validation_users)
+
+from reproduce import RUNS  # the paper's test figures of the gated rows (benchmarks/reproduce.py)
 
 # name: (settings, paper's code s/epoch train + validation on H100, target s/epoch)
 ROWS = {
@@ -32,58 +38,55 @@ ROWS = {
 }
 
 
-def epoch_seconds(cfg: TrialConfig, device: torch.device, epochs: int, steps: int,
-                  compile: str | None = None) -> tuple[float, float, str]:
-    """(train seconds, validation seconds) of one epoch, and how they were measured.
+def epoch_seconds(cfg: TrialConfig, device: torch.device, steps: int,
+                  compile: str | None = None) -> tuple[float, float, float | None, str]:
+    """(train seconds, validation seconds) of one epoch, the run's test NDCG@10 (None when
+    only `steps` steps ran), and how the seconds were measured.
 
-    `compile`: a torch.compile mode for the model's forward (dynamic shapes: every batch is
-    trimmed to its own longest window; "reduce-overhead" adds CUDA graphs), the losses and
-    the evaluator as they are.
+    Whole epochs: the trainer's `fit` under the trial's budget (`max_epochs`, `patience`),
+    the median epoch after the first (which pays for warm-up), then the test of the best
+    epoch's weights, as a trial does. `compile`: a torch.compile mode for the model's
+    forward (dynamic shapes: every batch is trimmed to its own longest window;
+    "reduce-overhead" adds CUDA graphs), the losses and the evaluator as they are.
     """
     data = sequence_data(load_split(cfg), cfg.max_len, device)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.max_len, cfg.dropout)
     model = model.to(device)
     if compile:
         model = torch.compile(model, mode=compile, dynamic=True)
+    autocast = autocast_for(cfg, device)
     if not steps:
-        history = fit(model, cfg, data, device).history  # max_epochs = epochs, patience large
-        return history[-1]["train_seconds"], history[-1]["val_seconds"], f"epoch {epochs} of {epochs}"
-    cuda = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp)
-
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cuda)
-    order_rng = np.random.default_rng(0)
-    order = order_rng.permutation(data.num_users)
-    generator = torch.Generator(device=device).manual_seed(0)
-    batches = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
+        history = fit(model, cfg, data, device).history
+        timed = history[1:] or history
+        test = evaluate_split(model, cfg, data, "test", torch.arange(data.num_users, device=device), autocast)
+        return (float(np.median([h["train_seconds"] for h in timed])), float(np.median([h["val_seconds"] for h in timed])),
+                test["ndcg@10"], f"median of epochs 2-{len(history)}" if len(history) > 2 else f"epoch {len(history)} of {len(history)}")
+    optimizer = make_optimizer(model, cfg, device)
+    order_rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    batches = epoch_batches(order_rng.permutation(data.num_users), cfg.batch_size)
     # Warm-up steps: a compiled model recompiles once more for dynamic shapes, a few steps in.
     warm = 20 if compile else 2
-    for i, batch in enumerate(batches[: steps + warm]):
-        if i == warm:
-            if cuda:
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-        with autocast():
-            loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device),
-                              data.train_lengths_host[batch], generator, order_rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    float(loss.detach())  # wait for the device before reading the clock
+    train_steps(model, optimizer, cfg, data, batches[:warm], device, generator, order_rng, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    total = train_steps(model, optimizer, cfg, data, batches[warm : warm + steps], device, generator, order_rng, autocast)
+    float(total)  # wait for the device before reading the clock
     train = (time.perf_counter() - started) / steps * len(batches)
     started = time.perf_counter()
-    evaluate_split(model, cfg, data, "val", validation_users(data.num_users, cfg.val_users, 0, device), autocast)
-    return train, time.perf_counter() - started, f"{steps} steps scaled to {len(batches)}"
+    evaluate_split(model, cfg, data, "val", validation_users(data.num_users, cfg.val_users, cfg.seed, device), autocast)
+    return train, time.perf_counter() - started, None, f"{steps} steps scaled to {len(batches)}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--epochs", type=int, default=2)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=2, help="train this many epochs (default 2)")
+    budget.add_argument("--converge", action="store_true", help="train by the paper's rule (patience, max epochs)")
     parser.add_argument("--steps", type=int, default=0, help="time this many steps and scale (0: whole epochs)")
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="the model's forward through torch.compile (mode: default, reduce-overhead, ...)")
@@ -93,17 +96,20 @@ def main() -> None:
     print(f"device: {card}\n")
     # The paper's-code figures were measured on an H100: a ratio means something only there.
     same_card = "H100" in card
-    print("| run | train s | val s | s/epoch | paper's code (H100) | speed-up | target | measured |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | train s | val s | s/epoch | paper's code (H100) | speed-up | target | test NDCG@10 (paper) | measured |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.only:
         settings, paper, target = ROWS[name]
-        cfg = TrialConfig.from_dict(dict(settings, device=str(device), max_epochs=args.epochs, patience=args.epochs))
-        train, val, how = epoch_seconds(cfg, device, args.epochs, args.steps, args.compile)
+        budget = {} if args.converge else dict(max_epochs=args.epochs, patience=args.epochs)
+        cfg = TrialConfig.from_dict(dict(settings, device=str(device), **budget)).resolved()
+        train, val, ndcg, how = epoch_seconds(cfg, device, args.steps, args.compile)
         total = train + val
         ratio = f"{paper / total:.1f}x" if same_card else "- (other device)"
         label = f"{name} (compiled, {args.compile})" if args.compile else name
+        paper_ndcg = f" ({RUNS[name][3]})" if name in RUNS else ""
+        quality = "-" if ndcg is None else f"{ndcg:.4f}{paper_ndcg}" + ("" if args.converge else f" after {args.epochs} epochs")
         print(f"| {label} | {train:.2f} | {val:.2f} | {total:.2f} | {paper:.2f} "
-              f"| {ratio} | <= {target:.2f} {'(met)' if total <= target else ''} | {how} |", flush=True)
+              f"| {ratio} | <= {target:.2f} {'(met)' if total <= target else ''} | {quality} | {how} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pandas as pd
 
 from raysweep import faults
 from raysweep.atomic import atomic_write
+from raysweep.config import TrialConfig
 
 
 def record_dir(run_dir: Path, key: str) -> Path:
@@ -31,6 +32,19 @@ def write_record(run_dir: Path, key: str, record: dict[str, Any], history: list[
         atomic_write(folder / "history.parquet", lambda tmp: pd.DataFrame(history).to_parquet(tmp, index=False))
     # result.json last: its presence means the trial is finished, history included.
     atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def finished_record(result: dict[str, Any], key: str, stage: str, **context: Any) -> dict[str, Any]:
+    """A finished trial's record: what `run_trial` returned (or its metrics.json), less the
+    per-epoch history, plus where and how it ran (`context`: host, node_id, searched, ...)."""
+    return {**{k: v for k, v in result.items() if k != "history"}, "key": key, "stages": [stage], "status": "ok",
+            **context}
+
+
+def failed_record(cfg: TrialConfig, key: str, stage: str, error: str, **context: Any) -> dict[str, Any]:
+    """A failed trial's record: its settings and the error (a traceback or a log's tail)."""
+    return {"key": key, "stages": [stage], "status": "failed", "error": error, "label": cfg.label,
+            "config": cfg.to_dict(), **context}
 
 
 def load_records(run_dir: Path) -> list[dict]:

@@ -25,7 +25,7 @@ from raysweep.data import load_interactions
 from raysweep.errors import UserError, cli
 from raysweep.models import build_model
 from raysweep.split import SequenceData, Split, leave_one_out, sequence_data
-from raysweep.trainer import EpochReport, evaluate_split, fit
+from raysweep.trainer import EpochReport, autocast_for, evaluate_split, fit
 
 Hook = Callable[[EpochReport, Callable[[], dict]], None]
 
@@ -78,8 +78,7 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
                             cfg.dropout).to(device)
         fitted = fit(model, cfg, data, device, on_epoch, resume)
         all_users = torch.arange(data.num_users, device=device)
-        test = evaluate_split(model, cfg, data, "test", all_users,
-                              lambda: torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and cfg.amp))
+        test = evaluate_split(model, cfg, data, "test", all_users, autocast_for(cfg, device))
         outcome = {"val": {"ndcg@10": fitted.best_ndcg}, "test": test, "best_epoch": fitted.best_epoch,
                    "epochs": fitted.epochs, "train_seconds": fitted.seconds, "history": fitted.history,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}

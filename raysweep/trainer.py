@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -144,16 +144,46 @@ def validation_users(num_users: int, count: int, seed: int, device: torch.device
     return torch.as_tensor(chosen, device=device)
 
 
+def make_optimizer(model: nn.Module, cfg: TrialConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The paper's Adam (no weight decay, no schedule); one fused kernel on CUDA."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+
+
+def autocast_for(cfg: TrialConfig, device: torch.device) -> Callable[[], ContextManager]:
+    """bf16 autocast on CUDA (unless `amp` is off); a no-op elsewhere."""
+    enabled = device.type == "cuda" and cfg.amp
+    return lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+
+
+def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [order[begin : begin + batch_size] for begin in range(0, len(order), batch_size)]
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrialConfig, data: SequenceData,
+                batches: Iterable[np.ndarray], device: torch.device, generator: torch.Generator,
+                rng: np.random.Generator, autocast: Callable[[], ContextManager]) -> torch.Tensor:
+    """One optimizer step per batch of user indices; the summed loss stays on the device (no sync)."""
+    running = torch.zeros((), device=device)
+    for batch in batches:
+        lengths = data.train_lengths_host[batch]
+        if lengths.max() < 2 and cfg.model != "bert4rec":
+            continue  # one-item windows have no next item to predict
+        with autocast():
+            loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device), lengths, generator, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.detach()
+    return running
+
+
 def fit(model: nn.Module, cfg: TrialConfig, data: SequenceData, device: torch.device,
         on_epoch: Callable[[EpochReport, Callable[[], dict]], None] | None = None,
         resume: dict | None = None) -> FitResult:
     """Train with the patience rule; leaves the best epoch's weights in `model`."""
     cuda = device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cuda)
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp)
-
+    optimizer = make_optimizer(model, cfg, device)
+    autocast = autocast_for(cfg, device)
     order_rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     val_users = validation_users(data.num_users, cfg.val_users, cfg.seed, device)
@@ -184,18 +214,8 @@ def fit(model: nn.Module, cfg: TrialConfig, data: SequenceData, device: torch.de
         started = time.perf_counter()
         model.train()
         order = order_rng.permutation(data.num_users)
-        running = torch.zeros((), device=device)
-        for begin in range(0, len(order), cfg.batch_size):
-            batch = order[begin : begin + cfg.batch_size]
-            lengths = data.train_lengths_host[batch]
-            if lengths.max() < 2 and cfg.model != "bert4rec":
-                continue  # one-item windows have no next item to predict
-            with autocast():
-                loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device), lengths, generator, order_rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach()
+        running = train_steps(model, optimizer, cfg, data, epoch_batches(order, cfg.batch_size), device, generator,
+                              order_rng, autocast)
         mean_loss = float(running) / -(-len(order) // cfg.batch_size)  # the one host sync of the epoch
         trained = time.perf_counter()
         val = evaluate_split(model, cfg, data, "val", val_users, autocast)

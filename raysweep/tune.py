@@ -21,7 +21,7 @@ from ray import tune
 
 from raysweep import faults
 from raysweep.config import TrialConfig, trial_key
-from raysweep.results import read_record, write_record
+from raysweep.results import failed_record, finished_record, read_record, write_record
 from raysweep.sweep import Distribution
 from raysweep.train import run_trial
 
@@ -77,12 +77,11 @@ def trainable(config: dict[str, Any]) -> None:
             tune.report(metrics)
 
     result = run_trial(cfg, on_epoch=on_epoch, resume=resume)
-    record = {k: v for k, v in result.items() if k != "history"}
-    record.update(key=key, stages=[stage], status="ok", searched=config.get("search", {}),
-                  node_id=ray.get_runtime_context().get_node_id(), host=platform.node(),
-                  started_at=started_at, finished_at=time.time(),
-                  resources=dict(tune.get_context().get_trial_resources().required_resources),
-                  resumed_from_epoch=resume["epoch"] if resume is not None else None)
+    record = finished_record(result, key, stage, searched=config.get("search", {}),
+                             node_id=ray.get_runtime_context().get_node_id(), host=platform.node(),
+                             started_at=started_at, finished_at=time.time(),
+                             resources=dict(tune.get_context().get_trial_resources().required_resources),
+                             resumed_from_epoch=resume["epoch"] if resume is not None else None)
     write_record(run_dir, key, record, result["history"])
     tune.report(summary(record))
 
@@ -164,11 +163,9 @@ class TrialLog(tune.Callback):
         error = _error_text(trial)
         previous = read_record(self.run_dir, key)
         if previous is None or previous["status"] != "ok":  # the latest failure replaces an older one
-            write_record(self.run_dir, key, {
-                "key": key, "stages": [self.stage], "status": "failed", "error": error, "label": cfg.label,
-                "config": cfg.to_dict(), "searched": trial.config.get("search", {}),
-                "attempts": trial.num_failures, "host": None, "node_id": None,
-            })
+            write_record(self.run_dir, key, failed_record(cfg, key, self.stage, error,
+                                                          searched=trial.config.get("search", {}),
+                                                          attempts=trial.num_failures, host=None, node_id=None))
         print(f"[raysweep] FAILED {cfg.dataset} {cfg.label} seed {cfg.seed} after {trial.num_failures} attempts: "
               f"{error.splitlines()[-1] if error else 'unknown error'}", file=sys.stderr, flush=True)
         self.on_change()
