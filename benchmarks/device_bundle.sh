@@ -4,8 +4,8 @@
 #    may not be redistributed, so this copy lives only in the ignored folder);
 #  - whl/: implicit (BPR-MF) and pydantic for the image's Python 3.12 (it has torch, pandas,
 #    pyarrow, matplotlib, pytest, PyYAML, but neither of these nor Ray).
-# Then, with the device tool:  run(command="bash benchmarks/gpu_session.sh speed", carry=[".device"])
-#                             run(command="bash benchmarks/gpu_session.sh table2", carry=[".device"])
+# Then, with the device tool, one call:
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".device"], timeout_s=600)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mirror=${RAYSWEEP_MIRROR:-../shared/data}

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU figure the issues ask for, in two device calls of about 6-8 minutes each (estimated
-# from ANCHORS.md's H100 epochs; 15 minutes of device time in all, so make the second call at
-# once, while the machine is warm, with timeout_s about 560 each). Prepare .device/ first (benchmarks/device_bundle.sh), carry it, and run
-#   bash benchmarks/gpu_session.sh speed    # GPU tests, s/epoch eager and compiled, chunked CE, packing
-#   bash benchmarks/gpu_session.sh table2   # ML-1M + Beauty Table 2 as raysweep.train processes on one card
-# Each step's output lands in $OUT (what the device tool brings back: at most 8 files) as it ends.
+# Every GPU figure the issues ask for, in ONE device call that ends within BUDGET seconds (560 by
+# default: a session has 15 minutes of device time, a machine's start included, and a machine
+# stays warm for only 30 s after a call, so one call it is). Prepare .device/ first
+# (benchmarks/device_bundle.sh), then
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".device"], timeout_s=600)
+# The steps run in the order of what the speed issue gates, each with its own cap; a step cut
+# by its cap keeps what it printed (one_card.py reports the trials that finished), and Table 2
+# gets whatever the earlier steps left. Each step's output lands in $OUT/NAME.txt as it runs.
 # DEVICE=cpu QUICK=1 runs the same steps on tiny shapes: a check of this script on a CPU machine.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh speed|table2}
+BUDGET=${BUDGET:-560}
+deadline=$((SECONDS + BUDGET))
 OUT=${OUT:-results/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -27,26 +30,46 @@ if ! python3 -c "import implicit, pydantic" 2>/dev/null && compgen -G ".device/w
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-step() {  # step NAME COMMAND...: run, keep its output in $OUT/NAME.txt, say how long it took
-  local name=$1 began=$SECONDS
+
+capped() {  # capped SECONDS COMMAND...: run it in its own process group; TERM the group at the cap, KILL 5 s later
+  local cap=$1 pid dog rc
   shift
-  echo "== $name: $*"
-  "$@" 2>&1 | tee "$OUT/$name.txt"
-  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - began)) s" | tee -a "$OUT/$name.txt"
+  setsid "$@" &
+  pid=$!
+  (sleep "$cap" && kill -TERM -- "-$pid" && sleep 5 && kill -KILL -- "-$pid") >/dev/null 2>&1 &
+  dog=$!
+  wait "$pid"
+  rc=$?
+  pkill -P "$dog" 2>/dev/null
+  kill "$dog" 2>/dev/null
+  return "$rc"
 }
+
+step() {  # step NAME CAP COMMAND...: at most CAP seconds (less if the budget is nearly spent), output in $OUT/NAME.txt
+  local name=$1 cap=$2 began=$SECONDS left=$((deadline - SECONDS))
+  shift 2
+  ((cap > left)) && cap=$left
+  if ((cap < 15)); then
+    echo "== $name: not run, the session's budget is spent" | tee "$OUT/$name.txt"
+    return
+  fi
+  echo "== $name (at most $cap s): $*"
+  capped "$cap" "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  local how="exit $rc"
+  ((rc == 143 || rc == 137)) && how="cut at its cap"
+  echo "== $name: $how after $((SECONDS - began)) s" | tee -a "$OUT/$name.txt"
+}
+
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
-case $part in
-  speed)
-    step gpu_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-    step speed python3 benchmarks/speed.py --device "$DEVICE" "${speed[@]}"
-    step speed_compiled python3 benchmarks/speed.py --device "$DEVICE" --compile reduce-overhead "${compiled[@]}"
-    step chunked_ce python3 benchmarks/chunked_ce.py --device "$DEVICE" "${chunked[@]}"
-    step packing python3 benchmarks/packing.py --device "$DEVICE" "${packing[@]}"
-    ;;
-  table2)
-    rm -rf /tmp/table2-one-card
-    step table2 python3 benchmarks/one_card.py --device "$DEVICE" --out /tmp/table2-one-card "${table2[@]}"
-    cp /tmp/table2-one-card/results.parquet "$OUT/table2_results.parquet"
-    ;;
-  *) echo "unknown part $part (speed or table2)" >&2; exit 2 ;;
-esac
+python3 -c "import torch; print('torch', torch.__version__)"
+step gpu_tests 75 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+step speed 110 python3 benchmarks/speed.py --device "$DEVICE" "${speed[@]}"
+step chunked_ce 40 python3 benchmarks/chunked_ce.py --device "$DEVICE" "${chunked[@]}"
+step packing 60 python3 benchmarks/packing.py --device "$DEVICE" "${packing[@]}"
+rm -rf /tmp/table2-one-card
+# Table 2 takes what is left but 45 s, which the compiled step gets (or less, if Table 2 ends early: more).
+step table2 $((deadline - SECONDS - 45)) python3 benchmarks/one_card.py --device "$DEVICE" --out /tmp/table2-one-card "${table2[@]}"
+cp /tmp/table2-one-card/results.parquet "$OUT/table2_results.parquet" 2>/dev/null
+cp /tmp/table2-one-card/report/figure1.png "$OUT/table2_figure1.png" 2>/dev/null
+step speed_compiled 300 python3 benchmarks/speed.py --device "$DEVICE" --compile reduce-overhead "${compiled[@]}"

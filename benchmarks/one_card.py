@@ -21,8 +21,10 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,8 +79,41 @@ def record(cfg: TrialConfig, out: Path, started: float, returncode: int, log: Pa
     return failed_record(cfg, trial_key(cfg), "seeds", error, **context), None
 
 
+def run_all(todo: list[TrialConfig], running: dict, run_dir: Path, env: dict, concurrent: int, threads: int,
+            started: float, stop: threading.Event) -> bool:
+    """Start trials as slots free up, `concurrent` at a time, and record each as it ends; False
+    if `stop` was set first (the trials still running are left in `running`)."""
+    while todo or running:
+        if stop.is_set():
+            return False
+        while todo and len(running) < concurrent:
+            cfg = todo.pop(0)
+            work = run_dir / "work" / trial_key(cfg)
+            work.mkdir(parents=True, exist_ok=True)
+            log = work / "train.log"
+            with log.open("w") as sink:
+                process = subprocess.Popen(command(cfg, work), stdout=sink, stderr=subprocess.STDOUT, env=env)
+            running[process] = (cfg, work, time.time(), log)
+            print(f"[one_card] start {cfg.dataset} {cfg.label}", flush=True)
+        time.sleep(0.2)
+        for process in [p for p in running if p.poll() is not None]:
+            cfg, work, began, log = running.pop(process)
+            rec, history = record(cfg, work, began, process.returncode, log,
+                                  dict(concurrent=concurrent, cpu_threads=threads))
+            write_record(run_dir, rec["key"], rec, history)
+            write_results(run_dir)
+            if rec["status"] == "ok":
+                test = rec["test"]
+                print(f"[one_card] done  {cfg.dataset} {cfg.label}: best epoch {rec['best_epoch']} of {rec['epochs']}, "
+                      f"{rec['seconds_per_epoch']:.2f} s/epoch, test HR@10 {test['hr@10']:.4f} NDCG@10 "
+                      f"{test['ndcg@10']:.4f} [{time.perf_counter() - started:.0f} s]", flush=True)
+            else:
+                print(f"[one_card] FAILED {cfg.dataset} {cfg.label}: {rec['error'].splitlines()[-1]}", flush=True)
+    return True
+
+
 @cli
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep", nargs="?", type=Path, default=Path("sweeps/table2.yaml"))
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"], help="instead of the sweep's")
@@ -98,41 +133,38 @@ def main() -> None:
           f"{threads} CPU threads each; run directory {run_dir}", flush=True)
     started = time.perf_counter()
     running: dict[subprocess.Popen, tuple[TrialConfig, Path, float, Path]] = {}
-    while todo or running:
-        while todo and len(running) < args.concurrent:
-            cfg = todo.pop(0)
-            work = run_dir / "work" / trial_key(cfg)
-            work.mkdir(parents=True, exist_ok=True)
-            log = work / "train.log"
-            with log.open("w") as sink:
-                process = subprocess.Popen(command(cfg, work), stdout=sink, stderr=subprocess.STDOUT, env=env)
-            running[process] = (cfg, work, time.time(), log)
-            print(f"[one_card] start {cfg.dataset} {cfg.label}", flush=True)
-        time.sleep(0.2)
-        for process in [p for p in running if p.poll() is not None]:
-            cfg, work, began, log = running.pop(process)
-            rec, history = record(cfg, work, began, process.returncode, log,
-                                  dict(concurrent=args.concurrent, cpu_threads=threads))
-            write_record(run_dir, rec["key"], rec, history)
-            write_results(run_dir)
-            if rec["status"] == "ok":
-                test = rec["test"]
-                print(f"[one_card] done  {cfg.dataset} {cfg.label}: best epoch {rec['best_epoch']} of {rec['epochs']}, "
-                      f"{rec['seconds_per_epoch']:.2f} s/epoch, test HR@10 {test['hr@10']:.4f} NDCG@10 "
-                      f"{test['ndcg@10']:.4f} [{time.perf_counter() - started:.0f} s]", flush=True)
-            else:
-                print(f"[one_card] FAILED {cfg.dataset} {cfg.label}: {rec['error'].splitlines()[-1]}", flush=True)
+    # A stop (Ctrl-C, or a time cap's SIGTERM) ends the running trials, which would otherwise
+    # hold the device on, and still reports the trials that finished. The handlers only set a
+    # flag: an exception raised inside Popen could lose a just-started trial.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stopped = None
+    if not run_all(todo, running, run_dir, env, args.concurrent, threads, started, stop):
+        stopped = len(running) + len(todo)
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.wait()
     wall = time.perf_counter() - started
+    if stopped is None:
+        print(f"\n{len(grid) - len(skipped)} trials on {args.device}, {args.concurrent} at once: {wall:.0f} s wall-clock\n")
+    else:
+        print(f"\nSTOPPED after {wall:.0f} s wall-clock: {stopped} of {len(grid) - len(skipped)} trials unfinished "
+              f"(a rerun with the same --out finishes them)\n")
+    if not (run_dir / "results.parquet").is_file():
+        print("no trial has finished: nothing to report")
+        return 0 if stopped is None else 143
     from raysweep.report import write_report
 
     try:
         written = write_report(run_dir)
     except ImportError as exc:  # figures need matplotlib; the tables do not
         written = [f"no figures ({exc})"]
-    print(f"\n{len(grid) - len(skipped)} trials on {args.device}, {args.concurrent} at once: {wall:.0f} s wall-clock\n")
     print((run_dir / "report" / "table2.md").read_text())
     print("written:", ", ".join(str(p) for p in written))
+    return 0 if stopped is None else 143  # 128 + SIGTERM: stopped before the grid was done
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

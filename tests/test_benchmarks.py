@@ -1,5 +1,6 @@
 """The one-card Table 2 runner (benchmarks/one_card.py), on synthetic data on the CPU."""
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,36 @@ def test_one_card_runs_the_grid_records_failures_and_resumes(tmp_path):
     for key, when in finished.items():
         record = json.loads((run_dir / "trials" / key / "result.json").read_text())
         assert record["finished_at"] == when or record["status"] == "failed"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            pass
+    return found
+
+
+def test_one_card_stopped_ends_its_trials_and_reports_the_finished_ones(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "one_card.py"), str(ROOT / "sweeps" / "table2.yaml"),
+           "--datasets", "synthetic-chains", "--max-epochs", "60", "--concurrent", "2", "--device", "cpu",
+           "--out", str(run_dir)]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:  # BPR-MF finishes in seconds; BERT4Rec (60 epochs) is still running then
+        lines.append(line)
+        if line.startswith("[one_card] done"):
+            break
+    assert _processes_mentioning(str(run_dir / "work")), "a trial process should be running"
+    process.send_signal(signal.SIGTERM)
+    out = "".join(lines) + process.stdout.read()
+    assert process.wait(timeout=60) == 143, out
+    assert "STOPPED after" in out and "trials unfinished" in out
+    assert not _processes_mentioning(str(run_dir / "work")), "trial processes outlived the stop"
+    done = pd.read_parquet(run_dir / "results.parquet")
+    assert len(done) >= 1 and (done["status"] == "ok").all()
+    assert "| BPR-MF | 1 |" in (run_dir / "report" / "table2.md").read_text()

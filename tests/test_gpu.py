@@ -1,4 +1,5 @@
-"""GPU-only checks (skipped without CUDA): the training step never waits on the device."""
+"""GPU-only checks (skipped without CUDA): the training step never waits on the device, chunked CE
+holds on CUDA in fp32 and bf16, and the models learn under bf16 autocast as they do on the CPU."""
 import pytest
 import torch
 
@@ -32,3 +33,45 @@ def test_training_step_has_no_device_to_host_sync(model, loss, negatives):
         loss_value.backward()
         optimizer.step()
     torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("torch_chunked", [False, True], ids=["raysweep", "torch"])
+def test_chunked_ce_on_cuda_equals_plain_in_fp32_and_bf16(torch_chunked, monkeypatch):
+    from raysweep import losses
+
+    if torch_chunked and not losses.TORCH_CHUNKED_CE:
+        pytest.skip("this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
+    monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", torch_chunked)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(16, 50, 64, generator=g, device="cuda", requires_grad=True)
+    w = torch.randn(20001, 64, generator=g, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 20001, (16, 50), generator=g, device="cuda")
+    real = labels > 0
+
+    def grads(loss):
+        return torch.autograd.grad(loss, (h, w))
+
+    with torch.autocast("cuda", enabled=False):
+        plain = torch.nn.functional.cross_entropy(h[real] @ w[1:].T, labels[real] - 1)
+        chunked = losses.ce(h, labels, w, chunk=97)  # 800 real rows: eight chunks
+    assert abs(float(chunked.detach()) - float(plain.detach())) <= 1e-5 * abs(float(plain.detach()))
+    for a, b in zip(grads(chunked), grads(plain)):
+        assert (a - b).abs().max() < 1e-5
+    # bf16 autocast: matmuls in bf16, logits summed in fp32; close to the fp32 loss.
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = losses.ce(h, labels, w, chunk=97)
+    assert low.dtype == torch.float32 and abs(float(low.detach()) - float(plain.detach())) <= 0.02 * abs(float(plain.detach()))
+
+
+@pytest.mark.parametrize("model, loss, negatives, epochs", [("sasrec", "ce", None, 6), ("sasrec", "sampled_ce", 30, 6),
+                                                            ("bert4rec", None, None, 30)])
+def test_learns_the_planted_order_on_cuda_in_bf16(model, loss, negatives, epochs):
+    from raysweep.train import run_trial
+
+    def ndcg(dataset):
+        cfg = TrialConfig.from_dict(dict(dataset=dataset, model=model, loss=loss, negatives=negatives, max_epochs=epochs,
+                                         hidden=32, lr=5e-3, val_users=500, device="cuda", amp=True))
+        return run_trial(cfg)["test"]["ndcg@10"]
+
+    assert ndcg("synthetic-chains") >= 0.8
+    assert ndcg("synthetic-shuffled") < 0.2
