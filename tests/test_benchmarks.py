@@ -77,3 +77,14 @@ def test_one_card_stopped_ends_its_trials_and_reports_the_finished_ones(tmp_path
     done = pd.read_parquet(run_dir / "results.parquet")
     assert len(done) >= 1 and (done["status"] == "ok").all()
     assert "| BPR-MF | 1 |" in (run_dir / "report" / "table2.md").read_text()
+
+
+def test_packing_picks_the_fewest_trials_near_the_best_rate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("packing", ROOT / "benchmarks" / "packing.py")
+    packing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packing)
+    assert packing.packing_choice({1: 1.0, 2: 1.53, 4: 1.40}) == 2  # this CPU's figures: past 2, slower
+    assert packing.packing_choice({1: 1.0, 2: 1.9, 4: 3.5, 8: 3.6}) == 4  # 8 gains under 5 %
+    assert packing.packing_choice({1: 1.0, 2: 1.9, 4: 3.0, 8: 3.6}) == 8
