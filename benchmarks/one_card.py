@@ -1,7 +1,7 @@
 """Table 2 on one card: a sweep's trials as `raysweep.train` processes sharing one device.
 
     python benchmarks/one_card.py [SWEEP=sweeps/table2.yaml] [--datasets ml-1m beauty]
-                                  [--concurrent 4] [--device cuda] [--max-epochs E] [--out DIR]
+                                  [--concurrent 4] [--device cuda] [--max-epochs E] [--cuda-graphs] [--out DIR]
 
 The trials of a grid sweep file (by default the paper's Table 2, on the datasets named, by
 default ML-1M and Beauty), `--concurrent` processes at a time, the longest first, the
@@ -36,7 +36,8 @@ from raysweep.results import failed_record, finished_record, read_record, write_
 from raysweep.sweep import expand, load_spec
 
 
-def trials(sweep: Path, datasets: list[str] | None, device: str, max_epochs: int | None) -> list[TrialConfig]:
+def trials(sweep: Path, datasets: list[str] | None, device: str, max_epochs: int | None,
+           cuda_graphs: bool = False) -> list[TrialConfig]:
     """The sweep's trials on `datasets`, longest first (long sequences, BERT4Rec's doubled budget)."""
     spec = load_spec(sweep)
     if datasets:
@@ -50,6 +51,8 @@ def trials(sweep: Path, datasets: list[str] | None, device: str, max_epochs: int
         cfg = dataclasses.replace(t.config, device=device)
         if max_epochs is not None and cfg.model != "bpr":
             cfg = dataclasses.replace(cfg, max_epochs=max_epochs)
+        if cuda_graphs and cfg.model != "bpr":
+            cfg = dataclasses.replace(cfg, cuda_graphs=True)
         configs.append(cfg.resolved())
     return sorted(configs, key=lambda c: -(c.max_len or 0) * (2 if c.model == "bert4rec" else 1))
 
@@ -120,10 +123,11 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=4, help="trial processes at once on the device")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap (a quick check); default: the sweep's")
+    parser.add_argument("--cuda-graphs", action="store_true", help="the sequential trials' steps as CUDA graphs")
     parser.add_argument("--out", type=Path, default=Path("runs/table2-one-card"))
     args = parser.parse_args()
     run_dir = args.out.resolve()
-    grid = trials(args.sweep, args.datasets, args.device, args.max_epochs)
+    grid = trials(args.sweep, args.datasets, args.device, args.max_epochs, args.cuda_graphs)
     skipped = [c for c in grid if c.model == "bpr" and importlib.util.find_spec("implicit") is None]
     todo = [c for c in grid if c not in skipped and (read_record(run_dir, trial_key(c)) or {}).get("status") != "ok"]
     threads = max(1, (os.cpu_count() or 1) // args.concurrent)

@@ -1,6 +1,6 @@
 """Seconds per epoch (training + validation) against the paper's code and the targets.
 
-    python benchmarks/speed.py [--device cuda] [--epochs 2 | --converge] [--steps 0] [--compile [MODE]]
+    python benchmarks/speed.py [--device cuda] [--epochs 2 | --converge] [--steps 0] [--compile [MODE]] [--cuda-graphs]
                                [--only beauty-sasrec+ ...]
 
 Each row trains real epochs of the shared trainer on the real data with the paper's settings
@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from raysweep.config import TrialConfig
+from raysweep.errors import cli
 from raysweep.models import build_model
 from raysweep.split import sequence_data
 from raysweep.train import load_split, resolve_device
-from raysweep.trainer import (autocast_for, epoch_batches, evaluate_split, fit, make_optimizer, train_steps,
-                              validation_users)
+from raysweep.trainer import (autocast_for, epoch_batches, evaluate_split, fit, make_optimizer, make_step,
+                              train_steps, validation_users)
 
 from reproduce import RUNS  # the paper's test figures of the gated rows (benchmarks/reproduce.py)
 
@@ -65,14 +66,16 @@ def epoch_seconds(cfg: TrialConfig, device: torch.device, steps: int,
     optimizer = make_optimizer(model, cfg, device)
     order_rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    step = make_step(model, optimizer, cfg, data, device, generator, order_rng, autocast)
     batches = epoch_batches(order_rng.permutation(data.num_users), cfg.batch_size)
-    # Warm-up steps: a compiled model recompiles once more for dynamic shapes, a few steps in.
-    warm = 20 if compile else 2
-    train_steps(model, optimizer, cfg, data, batches[:warm], device, generator, order_rng, autocast)
+    # Warm-up steps: a compiled model recompiles once more for dynamic shapes, a few steps in;
+    # a CUDA graph is captured after 3 eager steps.
+    warm = 20 if compile else 5 if cfg.cuda_graphs else 2
+    train_steps(step, batches[:warm], device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    total = train_steps(model, optimizer, cfg, data, batches[warm : warm + steps], device, generator, order_rng, autocast)
+    total = train_steps(step, batches[warm : warm + steps], device)
     float(total)  # wait for the device before reading the clock
     train = (time.perf_counter() - started) / steps * len(batches)
     started = time.perf_counter()
@@ -80,6 +83,7 @@ def epoch_seconds(cfg: TrialConfig, device: torch.device, steps: int,
     return train, time.perf_counter() - started, None, f"{steps} steps scaled to {len(batches)}"
 
 
+@cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=list(ROWS), default=list(ROWS))
@@ -90,6 +94,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="time this many steps and scale (0: whole epochs)")
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="the model's forward through torch.compile (mode: default, reduce-overhead, ...)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="each step replayed as a CUDA graph (cuda_graphs)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -101,11 +106,11 @@ def main() -> None:
     for name in args.only:
         settings, paper, target = ROWS[name]
         budget = {} if args.converge else dict(max_epochs=args.epochs, patience=args.epochs)
-        cfg = TrialConfig.from_dict(dict(settings, device=str(device), **budget)).resolved()
+        cfg = TrialConfig.from_dict(dict(settings, device=str(device), cuda_graphs=args.cuda_graphs, **budget)).resolved()
         train, val, ndcg, how = epoch_seconds(cfg, device, args.steps, args.compile)
         total = train + val
         ratio = f"{paper / total:.1f}x" if same_card else "- (other device)"
-        label = f"{name} (compiled, {args.compile})" if args.compile else name
+        label = name + (f" (compiled, {args.compile})" if args.compile else "") + (" (CUDA graphs)" if args.cuda_graphs else "")
         paper_ndcg = f" ({RUNS[name][3]})" if name in RUNS else ""
         quality = "-" if ndcg is None else f"{ndcg:.4f}{paper_ndcg}" + ("" if args.converge else f" after {args.epochs} epochs")
         print(f"| {label} | {train:.2f} | {val:.2f} | {total:.2f} | {paper:.2f} "

@@ -45,6 +45,9 @@ class TrialConfig:
     # Where and how it runs.
     device: str = "auto"  # auto: cuda when available
     amp: bool = True  # bf16 autocast on CUDA
+    # CUDA only: each full batch's step (forward, backward, Adam) replayed as one captured CUDA
+    # graph, over fixed shapes (padding masked rather than trimmed). Off until measured on a card.
+    cuda_graphs: bool = False
     data_dir: str | None = None
     mirror: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form tags (sweep stage, ...)
@@ -105,6 +108,8 @@ class TrialConfig:
             raise UserError(f"{where}: learning rates must be > 0 and regularization >= 0")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise UserError(f"{where}: device must be auto, cpu or cuda[:i], got {self.device!r}")
+        if self.cuda_graphs and self.device == "cpu":
+            raise UserError(f"{where}: cuda_graphs needs a CUDA device, and device is 'cpu'")
         heads = self.heads or (2 if bert else 1)
         hidden = self.hidden or ds.hidden
         if self.model in ("sasrec", "bert4rec") and hidden % heads:
@@ -148,7 +153,8 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
 
 def trial_key(cfg: TrialConfig) -> str:
     """`<dataset>-<model>-<loss>[-N]-s<seed>-<hash>`: readable, and unique per settings."""
-    identity = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "data_dir", "mirror", "extra")}
+    identity = {k: v for k, v in cfg.to_dict().items()
+                if k not in ("device", "cuda_graphs", "data_dir", "mirror", "extra")}  # how, not what, it runs
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     parts = [cfg.dataset.replace("/", "_"), cfg.model, cfg.loss or "", str(cfg.negatives or ""), f"s{cfg.seed}", digest]
     return "-".join(p for p in parts if p)

@@ -34,15 +34,18 @@ LOSSES = ("bce", "ce", "sampled_ce")
 CE_CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 23}
 
 
-def real_positions(label_lengths: np.ndarray, width: int, device: torch.device | str) -> torch.Tensor:
-    """Flat indices (row x width + step) of the real label positions of a right-padded batch.
-
-    Built on the host from lengths the trainer already knows, so selecting them is a gather
-    of known size: no device-to-host sync inside the training step (a boolean mask would sync).
-    """
+def real_positions_host(label_lengths: np.ndarray, width: int) -> np.ndarray:
+    """Flat indices (row x width + step) of the real label positions of a right-padded batch."""
     rows = np.repeat(np.arange(len(label_lengths)), label_lengths)
     steps = np.arange(len(rows)) - np.repeat(np.cumsum(label_lengths) - label_lengths, label_lengths)
-    return torch.as_tensor(rows * width + steps, device=device)
+    return rows * width + steps
+
+
+def real_positions(label_lengths: np.ndarray, width: int, device: torch.device | str) -> torch.Tensor:
+    """`real_positions_host` on the device. Built on the host from lengths the trainer already
+    knows, so selecting them is a gather of known size: no device-to-host sync inside the
+    training step (a boolean mask would sync)."""
+    return torch.as_tensor(real_positions_host(label_lengths, width), device=device)
 
 
 def _rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -71,13 +74,20 @@ class _ChunkedCE(torch.autograd.Function):
     """Mean softmax CE of h @ weight.T against labels, one chunk of rows at a time.
 
     The gradients are computed in the forward pass, chunk by chunk ((softmax - onehot) @ W
-    and its transpose), so neither pass ever holds more than one chunk of logits.
+    and its transpose), so neither pass ever holds more than one chunk of logits. With
+    `ignore`, rows whose label is negative count for nothing (the padding of a fixed-shape
+    batch), and the mean is over the others.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, ignore: bool = False):
         n = h.shape[0]
         exact = torch.promote_types(h.dtype, torch.float32)  # bf16 logits are summed in fp32
+        valid = labels >= 0 if ignore else None
+        # A batch with no target (BERT4Rec masked nothing) has loss 0. The count stays on the
+        # device when rows are ignored: reading it would be a host sync.
+        count = valid.sum().clamp(min=1).to(exact) if ignore else max(n, 1)
+        labels = labels.clamp(min=0) if ignore else labels
         total = torch.zeros((), dtype=exact, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         grad_w = torch.zeros_like(weight, dtype=exact) if weight.requires_grad else None
@@ -88,11 +98,14 @@ class _ChunkedCE(torch.autograd.Function):
             # Softmax in place (one buffer per chunk): exp(logits - max) / sum.
             peak = logits.amax(dim=1, keepdim=True)
             scale = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)
-            total += (peak.squeeze(1) + scale.squeeze(1).log() - target).sum()
+            rows = peak.squeeze(1) + scale.squeeze(1).log() - target
+            total += (rows if valid is None else rows * valid[start : start + chunk]).sum()
             if grad_h is None and grad_w is None:
                 continue
             probs = logits.div_(scale)
             probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
+            if valid is not None:
+                probs.mul_(valid[start : start + chunk, None])
             probs = probs.to(h.dtype)
             if grad_h is not None:
                 grad_h[start : start + chunk] = probs @ weight
@@ -100,15 +113,15 @@ class _ChunkedCE(torch.autograd.Function):
                 grad_w += (probs.T @ hc).to(exact)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        ctx.n = max(n, 1)  # a batch with no target (BERT4Rec masked nothing) has loss 0
-        return total / ctx.n
+        ctx.count = count
+        return total / count
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        scale = grad_out / ctx.n
+        scale = grad_out / ctx.count
         return (None if grad_h is None else grad_h * scale,
-                None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None)
+                None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None, None)
 
 
 # PyTorch >= 2.13 ships the same chunked CE (F.linear_cross_entropy with options): at the same
@@ -117,19 +130,60 @@ class _ChunkedCE(torch.autograd.Function):
 TORCH_CHUNKED_CE = hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
+def _candidates(weight: torch.Tensor, h: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, int]:
+    """The candidate rows 1..num_items (no padding) in h's dtype, and the chunk of rows to use."""
+    candidates = weight[1:]
+    if candidates.dtype != h.dtype:  # under autocast the hidden states may be bf16
+        candidates = candidates.to(h.dtype)
+    return candidates, chunk or max(64, CE_CHUNK_ELEMENTS.get(h.device.type, 1 << 25) // len(candidates))
+
+
+def _torch_options(chunk: int):
+    # "accurate": logits and sums in fp32 even for bf16 inputs, as _ChunkedCE does.
+    return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk, acc_policy="accurate")
+
+
 def ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor | None = None,
        chunk: int | None = None) -> torch.Tensor:
     """Full-catalogue softmax CE; `weight` rows 1..num_items are the candidates (no padding)."""
     h, labels, _ = _select(h, labels, positions)
-    candidates = weight[1:]
-    if candidates.dtype != h.dtype:  # under autocast the hidden states may be bf16
-        candidates = candidates.to(h.dtype)
-    chunk = chunk or max(64, CE_CHUNK_ELEMENTS.get(h.device.type, 1 << 25) // len(candidates))
+    candidates, chunk = _candidates(weight, h, chunk)
     if TORCH_CHUNKED_CE and len(h):  # (a batch with no target has loss 0: _ChunkedCE's case)
-        # "accurate": logits and sums in fp32 even for bf16 inputs, as _ChunkedCE does.
-        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk, acc_policy="accurate")
-        return F.linear_cross_entropy(h, candidates, labels - 1, options=options)
+        return F.linear_cross_entropy(h, candidates, labels - 1, options=_torch_options(chunk))
     return _ChunkedCE.apply(h, candidates, labels - 1, chunk)
+
+
+# The masked_* losses equal the ones above on a batch that keeps its padding: every position is
+# computed and the padding (label 0) is masked out, so no shape depends on the data and the step
+# can be captured as a CUDA graph. On the CPU that is wasted work; the trainer uses them only there.
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    h, targets = h.reshape(-1, h.shape[-1]), labels.reshape(-1) - 1  # padding -> -1, ignored
+    candidates, chunk = _candidates(weight, h, chunk)
+    if TORCH_CHUNKED_CE:
+        total = F.linear_cross_entropy(h, candidates, targets, ignore_index=-1, reduction="sum",
+                                       options=_torch_options(chunk))
+        return total / (targets >= 0).sum().clamp(min=1)
+    return _ChunkedCE.apply(h, candidates, targets, chunk, True)
+
+
+def masked_sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    pos = (h * _rows(weight, labels)).sum(-1, keepdim=True)  # [B, T, 1]
+    neg = torch.bmm(h, _rows(weight, negatives).transpose(1, 2))  # [B, T, N]
+    logits = torch.cat([pos, neg], dim=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return _masked_mean(torch.logsumexp(logits, dim=-1) - logits[..., 0], labels > 0)
+
+
+def masked_bce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    pos = (h * _rows(weight, labels)).sum(-1)
+    neg = (h * _rows(weight, negatives)).sum(-1)
+    real = labels > 0
+    return (_masked_mean(F.softplus(-pos), real) + _masked_mean(F.softplus(neg), real)) / 2
 
 
 def sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor,

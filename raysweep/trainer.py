@@ -19,6 +19,7 @@ from torch import nn
 
 from raysweep import losses
 from raysweep.config import TrialConfig
+from raysweep.errors import UserError
 from raysweep.metrics import evaluate
 from raysweep.split import SequenceData
 
@@ -65,6 +66,14 @@ def length_groups(lengths: np.ndarray, device: torch.device, count: int = 4) -> 
     return groups
 
 
+def bert_masks(lengths: np.ndarray, max_len: int, rng: np.random.Generator) -> np.ndarray:
+    """[B, width]: which of the last `max_len` items of each window BERT4Rec masks (probability
+    0.2 each); width is the batch's longest sequence."""
+    seq_lengths = np.minimum(lengths, max_len)
+    width = int(seq_lengths.max())
+    return (rng.random((len(lengths), width)) < BERT_MASK_PROB) & (np.arange(width) < seq_lengths[:, None])
+
+
 def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: torch.Tensor, lengths: np.ndarray,
                generator: torch.Generator, rng: np.random.Generator) -> torch.Tensor:
     """The training loss of one batch of users; `lengths` are their window lengths (host-side).
@@ -77,10 +86,8 @@ def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: to
     weight = model.item_emb.weight[: data.num_items + 1]
     if cfg.model == "bert4rec":
         # BERT4Rec trains on the last L training items, each masked with probability 0.2.
-        seq_lengths = np.minimum(lengths, data.max_len)
-        width = int(seq_lengths.max())
-        sequence = _last_items(windows, data.train_lengths[users], data.max_len)[:, :width]
-        masked = (rng.random((len(lengths), width)) < BERT_MASK_PROB) & (np.arange(width) < seq_lengths[:, None])
+        masked = bert_masks(lengths, data.max_len, rng)
+        sequence = _last_items(windows, data.train_lengths[users], data.max_len)[:, : masked.shape[1]]
         masked_t = torch.as_tensor(masked, device=sequence.device)
         hidden = model(sequence.masked_fill(masked_t, model.mask_id))
         positions = torch.as_tensor(np.flatnonzero(masked), device=sequence.device)
@@ -96,6 +103,69 @@ def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: to
         return losses.ce(hidden, labels, weight, positions)
     negatives = losses.position_negatives(data.negative_pool, windows, labels.shape[1], generator)
     return losses.bce(hidden, labels, weight, negatives, positions)
+
+
+@dataclass
+class FixedInputs:
+    """What the host decides for one fixed-shape step (see `fixed_inputs`)."""
+    users: np.ndarray
+    positions: np.ndarray | None  # CE and BERT4Rec: flat indices into [B, L], padded with B x L
+    bert_mask: np.ndarray | None  # BERT4Rec: [B, L]
+
+
+def _bucket(n: int) -> int:
+    """n rounded up to a multiple of an eighth of the power of two above it (at least 256): at
+    most 12 % more positions, and few sizes, so few graphs."""
+    step = max(256, (1 << max(n - 1, 1).bit_length()) >> 3)
+    return -(-n // step) * step
+
+
+def fixed_inputs(cfg: TrialConfig, data: SequenceData, batch: np.ndarray, rng: np.random.Generator) -> FixedInputs:
+    """The host side of `fixed_batch_loss`. Full CE (SASRec+, GRU4Rec, BERT4Rec) is computed only
+    at the batch's real (or masked) positions, listed here and padded up to a bucketed length
+    with the index B x L of an extra padding row: the loss over all B x L positions would cost
+    ~8x more on Beauty (~40x for BERT4Rec). BERT4Rec's masks are drawn as `batch_loss` draws them."""
+    lengths, width = data.train_lengths_host[batch], data.max_len
+    if cfg.model == "bert4rec":
+        masked = bert_masks(lengths, width, rng)
+        mask = np.zeros((len(batch), width), dtype=bool)
+        mask[:, : masked.shape[1]] = masked
+        flat = np.flatnonzero(mask)
+    elif cfg.loss == "ce":
+        mask, flat = None, losses.real_positions_host(np.maximum(lengths - 1, 0), width)
+    else:
+        return FixedInputs(batch, None, None)
+    positions = np.full(_bucket(len(flat)), len(batch) * width)
+    positions[: len(flat)] = flat
+    return FixedInputs(batch, positions, mask)
+
+
+def fixed_batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: torch.Tensor,
+                     generator: torch.Generator, positions: torch.Tensor | None = None,
+                     bert_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`batch_loss` with shapes that depend on nothing but the bucket of `positions`: whole
+    windows with their padding, masks instead of trimming. Negatives are drawn on the device;
+    positions and BERT4Rec's mask come from `fixed_inputs`. Nothing is read back from the
+    device, so the step can be captured once per bucket and replayed as a CUDA graph.
+    """
+    windows = data.train_windows[users]
+    weight = model.item_emb.weight[: data.num_items + 1]
+    if cfg.model == "bert4rec":
+        labels = _last_items(windows, data.train_lengths[users], data.max_len)
+        hidden = model(labels.masked_fill(bert_mask, model.mask_id))
+    else:
+        inputs, labels = windows[:, :-1], windows[:, 1:]
+        hidden = model(inputs)
+    if cfg.model == "bert4rec" or cfg.loss == "ce":
+        # The padding row at index B x L has label 0, which masked_ce ignores.
+        flat_h = torch.cat([hidden.reshape(-1, hidden.shape[-1]), hidden.new_zeros(1, hidden.shape[-1])])
+        flat_labels = torch.cat([labels.reshape(-1), labels.new_zeros(1)])
+        return losses.masked_ce(flat_h[positions], flat_labels[positions], weight)
+    if cfg.loss == "sampled_ce":
+        negatives = losses.shared_negatives(data.negative_pool, data.pool_items, windows, cfg.negatives, generator)
+        return losses.masked_sampled_ce(hidden, labels, weight, negatives)
+    negatives = losses.position_negatives(data.negative_pool, windows, labels.shape[1], generator)
+    return losses.masked_bce(hidden, labels, weight, negatives)
 
 
 def sequence_scorer(model: nn.Module, cfg: TrialConfig, data: SequenceData, history: torch.Tensor,
@@ -145,35 +215,107 @@ def validation_users(num_users: int, count: int, seed: int, device: torch.device
 
 
 def make_optimizer(model: nn.Module, cfg: TrialConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The paper's Adam (no weight decay, no schedule); one fused kernel on CUDA."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    """The paper's Adam (no weight decay, no schedule); one fused kernel on CUDA, its step
+    counters on the device when the step is captured as a CUDA graph."""
+    cuda = device.type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cuda, capturable=cuda and cfg.cuda_graphs)
 
 
 def autocast_for(cfg: TrialConfig, device: torch.device) -> Callable[[], ContextManager]:
-    """bf16 autocast on CUDA (unless `amp` is off); a no-op elsewhere."""
+    """bf16 autocast on CUDA (unless `amp` is off); a no-op elsewhere. A captured graph must not
+    keep autocast's cache of casted weights (it would hold stale copies)."""
     enabled = device.type == "cuda" and cfg.amp
-    return lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+    return lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled, cache_enabled=not cfg.cuda_graphs)
 
 
 def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[begin : begin + batch_size] for begin in range(0, len(order), batch_size)]
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrialConfig, data: SequenceData,
-                batches: Iterable[np.ndarray], device: torch.device, generator: torch.Generator,
-                rng: np.random.Generator, autocast: Callable[[], ContextManager]) -> torch.Tensor:
-    """One optimizer step per batch of user indices; the summed loss stays on the device (no sync)."""
-    running = torch.zeros((), device=device)
-    for batch in batches:
-        lengths = data.train_lengths_host[batch]
-        if lengths.max() < 2 and cfg.model != "bert4rec":
-            continue  # one-item windows have no next item to predict
+Step = Callable[[np.ndarray], "torch.Tensor | None"]
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrialConfig, data: SequenceData,
+              device: torch.device, generator: torch.Generator, rng: np.random.Generator,
+              autocast: Callable[[], ContextManager]) -> Step:
+    """step(batch of user indices) -> its loss on the device (None: nothing to learn from), after
+    one optimizer step. Eager by default; a replayed CUDA graph with `cuda_graphs`."""
+
+    def eager(loss_of: Callable[[], torch.Tensor]) -> torch.Tensor:
         with autocast():
-            loss = batch_loss(model, cfg, data, torch.as_tensor(batch, device=device), lengths, generator, rng)
+            loss = loss_of()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        running += loss.detach()
+        return loss.detach()
+
+    def trainable(batch: np.ndarray) -> bool:
+        return cfg.model == "bert4rec" or data.train_lengths_host[batch].max() >= 2  # one item: no next item
+
+    if not cfg.cuda_graphs:
+        def step(batch: np.ndarray) -> torch.Tensor | None:
+            if not trainable(batch):
+                return None
+            users = torch.as_tensor(batch, device=device)
+            return eager(lambda: batch_loss(model, cfg, data, users, data.train_lengths_host[batch], generator, rng))
+        return step
+
+    if device.type != "cuda":
+        raise UserError(f"cuda_graphs needs a CUDA device, not {device}")
+    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[str, torch.Tensor]]] = {}
+    warm_up = 3  # eager steps on a side stream before the first capture, as CUDA graphs require
+
+    def fixed_loss(buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fixed_batch_loss(model, cfg, data, buffers["users"], generator, buffers.get("positions"),
+                                buffers.get("bert_mask"))
+
+    def graphed(batch: np.ndarray) -> torch.Tensor | None:
+        nonlocal warm_up
+        if not trainable(batch):
+            return None
+        host = fixed_inputs(cfg, data, batch, rng)
+        arrays = {"users": host.users, "positions": host.positions, "bert_mask": host.bert_mask}
+        if len(batch) != cfg.batch_size or warm_up:
+            # The epoch's last, smaller batch, and the warm-up: the same loss, eagerly.
+            buffers = {k: torch.as_tensor(v, device=device) for k, v in arrays.items() if v is not None}
+            if len(batch) != cfg.batch_size:
+                return eager(lambda: fixed_loss(buffers))
+            warm_up -= 1
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                loss = eager(lambda: fixed_loss(buffers))
+            torch.cuda.current_stream(device).wait_stream(side)
+            return loss
+        bucket = 0 if host.positions is None else len(host.positions)
+        if bucket not in graphs:
+            # One graph per bucket of positions; its inputs are static buffers refilled per batch.
+            buffers = {k: torch.as_tensor(v, device=device) for k, v in arrays.items() if v is not None}
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(generator)  # negatives: the trial's generator
+            optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients it reuses
+            with torch.cuda.graph(graph):
+                with autocast():
+                    loss = fixed_loss(buffers)
+                loss.backward()
+                optimizer.step()
+            graphs[bucket] = (graph, loss, buffers)
+        graph, loss, buffers = graphs[bucket]
+        for name, buffer in buffers.items():
+            buffer.copy_(torch.as_tensor(arrays[name]), non_blocking=True)
+        graph.replay()  # (capturing does not run the step: replay it now too)
+        return loss.detach()
+
+    return graphed
+
+
+def train_steps(step: Step, batches: Iterable[np.ndarray], device: torch.device) -> torch.Tensor:
+    """`step` on each batch; the summed loss stays on the device (no sync)."""
+    running = torch.zeros((), device=device)
+    for batch in batches:
+        loss = step(batch)
+        if loss is not None:
+            running += loss  # before the next step: a graph's loss buffer is overwritten by its next replay
     return running
 
 
@@ -199,6 +341,8 @@ def fit(model: nn.Module, cfg: TrialConfig, data: SequenceData, device: torch.de
         epoch, best_epoch, best_ndcg = resume["epoch"], resume["best_epoch"], resume["best_ndcg"]
         history, best_state, elapsed = resume["history"], resume["best_state"], resume["seconds"]
 
+    step = make_step(model, optimizer, cfg, data, device, generator, order_rng, autocast)
+
     def state() -> dict:
         return {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -214,8 +358,7 @@ def fit(model: nn.Module, cfg: TrialConfig, data: SequenceData, device: torch.de
         started = time.perf_counter()
         model.train()
         order = order_rng.permutation(data.num_users)
-        running = train_steps(model, optimizer, cfg, data, epoch_batches(order, cfg.batch_size), device, generator,
-                              order_rng, autocast)
+        running = train_steps(step, epoch_batches(order, cfg.batch_size), device)
         mean_loss = float(running) / -(-len(order) // cfg.batch_size)  # the one host sync of the epoch
         trained = time.perf_counter()
         val = evaluate_split(model, cfg, data, "val", val_users, autocast)

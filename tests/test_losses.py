@@ -154,3 +154,32 @@ def test_host_side_positions_match_the_label_mask():
         labels[b, :n] = 7
     positions = losses.real_positions(lengths, 5, "cpu")
     assert positions.tolist() == torch.nonzero(labels.flatten() > 0).squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled_ce", "bce"])
+@pytest.mark.parametrize("torch_chunked", [False, True], ids=["raysweep", "torch"])
+def test_masked_losses_over_a_padded_batch_equal_the_index_list_ones(loss, torch_chunked, monkeypatch):
+    """The fixed-shape (CUDA graph) step's losses: padding masked out instead of left out."""
+    if torch_chunked and not losses.TORCH_CHUNKED_CE:
+        pytest.skip("this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
+    monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", torch_chunked)
+    h, w, labels = _inputs()
+    g = torch.Generator().manual_seed(5)
+    if loss == "ce":
+        reference, masked = losses.ce(h, labels, w, chunk=5), losses.masked_ce(h, labels, w, chunk=5)  # 4+ chunks
+    elif loss == "sampled_ce":
+        negatives = torch.randint(1, 41, (4, 7), generator=g)
+        reference, masked = losses.sampled_ce(h, labels, w, negatives), losses.masked_sampled_ce(h, labels, w, negatives)
+    else:
+        negatives = torch.randint(1, 41, labels.shape, generator=g)
+        reference, masked = losses.bce(h, labels, w, negatives), losses.masked_bce(h, labels, w, negatives)
+    assert abs(float(masked.detach()) - float(reference.detach())) < 1e-12
+    for a, b in zip(_grads(masked, h, w), _grads(reference, h, w)):
+        assert (a - b).abs().max() < 1e-12
+
+
+def test_masked_ce_of_a_batch_without_targets_is_zero():
+    h, w, labels = _inputs()
+    loss = losses.masked_ce(h, torch.zeros_like(labels), w)
+    assert float(loss.detach()) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in _grads(loss, h, w))
