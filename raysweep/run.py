@@ -192,6 +192,10 @@ def _tune_stage(name: str, run_dir: Path, resume: bool, spec: SweepSpec, resourc
     from raysweep import tune as glue
 
     storage = run_dir / "tune"
+    # num_to_keep=1 makes Tune snapshot its experiment state after each trial checkpoint, so a
+    # resume never points at a deleted one; intended, and Tune's warning about those snapshots
+    # would otherwise repeat every epoch of a short trial.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(glue.trainable, glue.resources_for(resources))
     callbacks = [glue.TrialLog(run_dir, name)]
     run_config = tune.RunConfig(
