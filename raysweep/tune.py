@@ -8,6 +8,7 @@ even when Tune's own experiment snapshot is older than the crash.
 """
 from __future__ import annotations
 
+import logging
 import platform
 import sys
 import tempfile
@@ -42,6 +43,9 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
 
 def trainable(config: dict[str, Any]) -> None:
     """One Tune trial: `run_trial` with per-epoch reports, checkpoints and a result record."""
+    # Tune logs each checkpoint's path at INFO in the trial's worker, and Ray echoes it to the
+    # driver's terminal: a line per checkpoint between raysweep's own progress lines.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     run_dir = Path(config["run_dir"])
     cfg = trial_config(config)
     key = trial_key(cfg)
