@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The local mirror of upstream: ../shared/data beside the checkout, or RAYSWEEP_MIRROR where the
+# checkout travels alone (the lent GPU machine: benchmarks/gpu_session.sh points it at .device/).
+MIRROR = Path(os.environ.get("RAYSWEEP_MIRROR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session", autouse=True)
