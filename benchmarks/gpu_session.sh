@@ -72,9 +72,9 @@ else
 fi
 python3 -c "import torch; print('torch', torch.__version__)"
 if [ "$part" != table2 ]; then
-  step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-  step speed 100 python3 benchmarks/speed.py --device "$DEVICE" "${speed[@]}"
-  step speed_graphs 90 python3 benchmarks/speed.py --device "$DEVICE" "${graphs[@]}" "${speed[@]}"
+  step gpu_tests 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+  step speed 90 python3 benchmarks/speed.py --device "$DEVICE" "${speed[@]}"
+  step speed_graphs 80 python3 benchmarks/speed.py --device "$DEVICE" "${graphs[@]}" "${speed[@]}"
 fi
 if [ "$part" != speed ]; then
   step chunked_ce 60 python3 benchmarks/chunked_ce.py --device "$DEVICE" "${chunked[@]}"

@@ -35,9 +35,8 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen_rows: torch.T
     target_score = scores[rows, targets].clone()
     scores[seen_rows, seen_items] = float("-inf")
     scores[:, 0] = float("-inf")
-    higher = (scores > target_score[:, None]).sum(1)
-    tied = (scores == target_score[:, None]).sum(1) - 1  # the target ties with itself
-    rank = higher + tied
+    # Higher plus tied, in one pass; the target ties with itself.
+    rank = (scores >= target_score[:, None]).sum(1) - 1
     return torch.where(target_seen, torch.full_like(rank, scores.shape[1]), rank)
 
 
@@ -52,10 +51,18 @@ def metrics_from_ranks(rank: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+# Users ranked at once. On a GPU many, for few kernel launches; on the CPU few, so that a
+# chunk's [chunk, items] scores stay in the cache through the masking and counting passes
+# (and under the size glibc maps afresh, page-faulting, for every chunk). A validation pass on
+# one thread, chunk 1024 -> 32: Beauty (10,000 users) 6.35 -> 2.34 s, ML-1M (6,040) 8.60 -> 3.48 s.
+CHUNK_USERS = {"cuda": 1024, "cpu": 32}
+
+
 def evaluate(score: Callable[[torch.Tensor], torch.Tensor], users: torch.Tensor, targets: torch.Tensor,
              items: torch.Tensor, starts: torch.Tensor, seen_lengths: torch.Tensor,
-             chunk: int = 1024) -> dict[str, float]:
+             chunk: int | None = None) -> dict[str, float]:
     """Mean metrics over `users`; score(user_chunk) returns fp32 scores [chunk, num_items + 1]."""
+    chunk = chunk or CHUNK_USERS.get(users.device.type, 1024)
     sums = {name: torch.zeros((), device=users.device) for name in METRICS}
     for begin in range(0, len(users), chunk):
         u = users[begin : begin + chunk]
