@@ -153,9 +153,41 @@ def ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, positions: t
     return _ChunkedCE.apply(h, candidates, labels - 1, chunk)
 
 
-# The masked_* losses equal the ones above on a batch that keeps its padding: every position is
-# computed and the padding (label 0) is masked out, so no shape depends on the data and the step
-# can be captured as a CUDA graph. On the CPU that is wasted work; the trainer uses them only there.
+def _shared_negative_logits(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                            negatives: torch.Tensor) -> torch.Tensor:
+    """[b, T, 1 + N]: each step's positive logit, then its sequence's N negatives' (loss (3))."""
+    pos = (h * _rows(weight, labels)).sum(-1, keepdim=True)  # [b, T, 1]
+    neg = torch.bmm(h, _rows(weight, negatives).transpose(1, 2))  # [b, T, N]
+    return torch.cat([pos, neg], dim=-1)
+
+
+def _fp32(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
+
+
+def sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor,
+               groups: list[tuple[torch.Tensor, int, torch.Tensor]] | None = None) -> torch.Tensor:
+    """negatives: [B, N], shared by every step of sequence b (the paper's loss (3)).
+
+    `groups` (rows, width, real positions within the group) splits the batch into rows of
+    similar length, each trimmed to its own longest window, so the [rows, width, N] logits
+    skip most of the right padding (a Beauty batch is ~6.6 real steps per row but up to 50
+    wide). The value is the same as over the whole batch.
+    """
+    if groups is None:
+        groups = [(torch.arange(len(h), device=h.device), h.shape[1], None)]
+    terms = []
+    for rows, width, positions in groups:
+        yg = labels[rows, :width]
+        logits, _, _ = _select(_shared_negative_logits(h[rows, :width], yg, weight, negatives[rows]), yg, positions)
+        logits = _fp32(logits)
+        terms.append(torch.logsumexp(logits, dim=-1) - logits[:, 0])
+    return torch.cat(terms).mean()
+
+
+# The masked_* losses equal the index-list ones on a batch that keeps its padding: the padding
+# (label 0) is masked out rather than left out, so no shape depends on the data and the step can
+# be captured as a CUDA graph. The trainer uses them only for that (`cuda_graphs`).
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
@@ -172,10 +204,7 @@ def masked_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk
 
 
 def masked_sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    pos = (h * _rows(weight, labels)).sum(-1, keepdim=True)  # [B, T, 1]
-    neg = torch.bmm(h, _rows(weight, negatives).transpose(1, 2))  # [B, T, N]
-    logits = torch.cat([pos, neg], dim=-1)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = _fp32(_shared_negative_logits(h, labels, weight, negatives))
     return _masked_mean(torch.logsumexp(logits, dim=-1) - logits[..., 0], labels > 0)
 
 
@@ -184,28 +213,6 @@ def masked_bce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, nega
     neg = (h * _rows(weight, negatives)).sum(-1)
     real = labels > 0
     return (_masked_mean(F.softplus(-pos), real) + _masked_mean(F.softplus(neg), real)) / 2
-
-
-def sampled_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, negatives: torch.Tensor,
-               groups: list[tuple[torch.Tensor, int, torch.Tensor]] | None = None) -> torch.Tensor:
-    """negatives: [B, N], shared by every step of sequence b (the paper's loss (3)).
-
-    `groups` (rows, width, real positions within the group) splits the batch into rows of
-    similar length, each trimmed to its own longest window, so the [rows, width, N] logits
-    skip most of the right padding (a Beauty batch is ~6.6 real steps per row but up to 50
-    wide). The value is the same as over the whole batch.
-    """
-    if groups is None:
-        groups = [(torch.arange(len(h), device=h.device), h.shape[1], None)]
-    terms = []
-    for rows, width, positions in groups:
-        hg, yg = h[rows, :width], labels[rows, :width]
-        pos = (hg * _rows(weight, yg)).sum(-1, keepdim=True)  # [b, T, 1]
-        neg = torch.bmm(hg, _rows(weight, negatives[rows]).transpose(1, 2))  # [b, T, N]
-        logits, _, _ = _select(torch.cat([pos, neg], dim=-1), yg, positions)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
-        terms.append(torch.logsumexp(logits, dim=-1) - logits[:, 0])
-    return torch.cat(terms).mean()
 
 
 def _allowed(pool: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

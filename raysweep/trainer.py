@@ -274,23 +274,23 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrialConf
         if not trainable(batch):
             return None
         host = fixed_inputs(cfg, data, batch, rng)
-        arrays = {"users": host.users, "positions": host.positions, "bert_mask": host.bert_mask}
-        if len(batch) != cfg.batch_size or warm_up:
-            # The epoch's last, smaller batch, and the warm-up: the same loss, eagerly.
-            buffers = {k: torch.as_tensor(v, device=device) for k, v in arrays.items() if v is not None}
-            if len(batch) != cfg.batch_size:
-                return eager(lambda: fixed_loss(buffers))
-            warm_up -= 1
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                loss = eager(lambda: fixed_loss(buffers))
-            torch.cuda.current_stream(device).wait_stream(side)
-            return loss
+        arrays = {k: v for k, v in (("users", host.users), ("positions", host.positions),
+                                    ("bert_mask", host.bert_mask)) if v is not None}
+        if len(batch) != cfg.batch_size:  # the epoch's last, smaller batch: the same loss, eagerly
+            buffers = {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
+            return eager(lambda: fixed_loss(buffers))
         bucket = 0 if host.positions is None else len(host.positions)
         if bucket not in graphs:
-            # One graph per bucket of positions; its inputs are static buffers refilled per batch.
-            buffers = {k: torch.as_tensor(v, device=device) for k, v in arrays.items() if v is not None}
+            buffers = {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}  # the graph's inputs
+            if warm_up:
+                warm_up -= 1
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    loss = eager(lambda: fixed_loss(buffers))
+                torch.cuda.current_stream(device).wait_stream(side)
+                return loss
+            # One graph per bucket of positions, replayed with its input buffers refilled per batch.
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(generator)  # negatives: the trial's generator
             optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients it reuses
