@@ -35,17 +35,12 @@ CE_CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 23}
 
 
 def real_positions_host(label_lengths: np.ndarray, width: int) -> np.ndarray:
-    """Flat indices (row x width + step) of the real label positions of a right-padded batch."""
+    """Flat indices (row x width + step) of the real label positions of a right-padded batch.
+    Built on the host from lengths the trainer already knows, so selecting them is a gather of
+    known size: no device-to-host sync inside the training step (a boolean mask would sync)."""
     rows = np.repeat(np.arange(len(label_lengths)), label_lengths)
     steps = np.arange(len(rows)) - np.repeat(np.cumsum(label_lengths) - label_lengths, label_lengths)
     return rows * width + steps
-
-
-def real_positions(label_lengths: np.ndarray, width: int, device: torch.device | str) -> torch.Tensor:
-    """`real_positions_host` on the device. Built on the host from lengths the trainer already
-    knows, so selecting them is a gather of known size: no device-to-host sync inside the
-    training step (a boolean mask would sync)."""
-    return torch.as_tensor(real_positions_host(label_lengths, width), device=device)
 
 
 def _rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

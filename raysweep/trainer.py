@@ -47,6 +47,21 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without a host-device sync. PyTorch copies pageable host memory
+    to a GPU with cudaMemcpyAsync + cudaStreamSynchronize, so each such copy inside a step
+    would stall the host until every queued kernel had run (up to 9 per step: users, 4 length
+    groups x 2). From pinned memory the copy is asynchronous; the caching host allocator keeps
+    the pinned block until the copy is done."""
+    return _staged(array, device).to(device, non_blocking=True)
+
+
+def _staged(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` as a host tensor that `device` can copy from asynchronously."""
+    tensor = torch.as_tensor(array)
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
 def _last_items(windows: torch.Tensor, lengths: torch.Tensor, count: int) -> torch.Tensor:
     """The last `count` items of right-padded rows whose width is count + 1, still right-padded."""
     full = (lengths > count)[:, None]
@@ -62,7 +77,7 @@ def length_groups(lengths: np.ndarray, device: torch.device, count: int = 4) -> 
         steps = np.maximum(lengths[rows] - 1, 0)  # a window of n items has n - 1 labels
         if len(rows) and steps.max() > 0:
             width = int(steps.max())
-            groups.append((torch.as_tensor(rows, device=device), width, losses.real_positions(steps, width, device)))
+            groups.append((to_device(rows, device), width, to_device(losses.real_positions_host(steps, width), device)))
     return groups
 
 
@@ -79,7 +94,7 @@ def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: to
     """The training loss of one batch of users; `lengths` are their window lengths (host-side).
 
     Which positions are real (and, for BERT4Rec, which are masked) is decided on the host, so
-    the step runs without a device-to-host sync.
+    the step runs without a device-to-host sync (every host array goes through `to_device`).
     """
     width = int(lengths.max())
     windows = data.train_windows[users]
@@ -88,9 +103,8 @@ def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: to
         # BERT4Rec trains on the last L training items, each masked with probability 0.2.
         masked = bert_masks(lengths, data.max_len, rng)
         sequence = _last_items(windows, data.train_lengths[users], data.max_len)[:, : masked.shape[1]]
-        masked_t = torch.as_tensor(masked, device=sequence.device)
-        hidden = model(sequence.masked_fill(masked_t, model.mask_id))
-        positions = torch.as_tensor(np.flatnonzero(masked), device=sequence.device)
+        hidden = model(sequence.masked_fill(to_device(masked, users.device), model.mask_id))
+        positions = to_device(np.flatnonzero(masked), users.device)
         return losses.ce(hidden, sequence, weight, positions)
     windows = windows[:, :width]  # right padding: trimming it changes nothing for a causal model
     inputs, labels = windows[:, :-1], windows[:, 1:]
@@ -98,7 +112,7 @@ def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: to
     if cfg.loss == "sampled_ce":
         negatives = losses.shared_negatives(data.negative_pool, data.pool_items, windows, cfg.negatives, generator)
         return losses.sampled_ce(hidden, labels, weight, negatives, length_groups(lengths, users.device))
-    positions = losses.real_positions(np.maximum(lengths - 1, 0), width - 1, users.device)
+    positions = to_device(losses.real_positions_host(np.maximum(lengths - 1, 0), width - 1), users.device)
     if cfg.loss == "ce":
         return losses.ce(hidden, labels, weight, positions)
     negatives = losses.position_negatives(data.negative_pool, windows, labels.shape[1], generator)
@@ -256,7 +270,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrialConf
         def step(batch: np.ndarray) -> torch.Tensor | None:
             if not trainable(batch):
                 return None
-            users = torch.as_tensor(batch, device=device)
+            users = to_device(batch, device)
             return eager(lambda: batch_loss(model, cfg, data, users, data.train_lengths_host[batch], generator, rng))
         return step
 
@@ -277,11 +291,11 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrialConf
         arrays = {k: v for k, v in (("users", host.users), ("positions", host.positions),
                                     ("bert_mask", host.bert_mask)) if v is not None}
         if len(batch) != cfg.batch_size:  # the epoch's last, smaller batch: the same loss, eagerly
-            buffers = {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
+            buffers = {k: to_device(v, device) for k, v in arrays.items()}
             return eager(lambda: fixed_loss(buffers))
         bucket = 0 if host.positions is None else len(host.positions)
         if bucket not in graphs:
-            buffers = {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}  # the graph's inputs
+            buffers = {k: to_device(v, device) for k, v in arrays.items()}  # the graph's inputs
             if warm_up:
                 warm_up -= 1
                 side = torch.cuda.Stream(device)
@@ -302,7 +316,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrialConf
             graphs[bucket] = (graph, loss, buffers)
         graph, loss, buffers = graphs[bucket]
         for name, buffer in buffers.items():
-            buffer.copy_(torch.as_tensor(arrays[name]), non_blocking=True)
+            buffer.copy_(_staged(arrays[name], device), non_blocking=True)
         graph.replay()  # (capturing does not run the step: replay it now too)
         return loss.detach()
 

@@ -152,7 +152,7 @@ def test_host_side_positions_match_the_label_mask():
     labels = torch.zeros(4, 5, dtype=torch.long)
     for b, n in enumerate(lengths):
         labels[b, :n] = 7
-    positions = losses.real_positions(lengths, 5, "cpu")
+    positions = losses.real_positions_host(lengths, 5)
     assert positions.tolist() == torch.nonzero(labels.flatten() > 0).squeeze(1).tolist()
 
 
