@@ -68,9 +68,19 @@ def _last_items(windows: torch.Tensor, lengths: torch.Tensor, count: int) -> tor
     return torch.where(full, windows[:, 1:], windows[:, :-1])
 
 
-def length_groups(lengths: np.ndarray, device: torch.device, count: int = 4) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """The batch's rows sorted by window length in `count` groups: (rows, label steps, real
-    positions), all from host-side lengths, so no device sync."""
+# Sampled CE's rows in groups of similar length (`length_groups`). On the CPU, which is bound by
+# arithmetic, 4 groups skip most of the [rows, width, N] logits' padding. A GPU step is bound by
+# kernel launches instead (ANCHORS.md), and each group adds ~40 kernel-launching ops: a Beauty
+# SASRec+ 3000 step dispatches 240 of them with one group, 360 with four (counted on the CPU with
+# a dispatch-mode counter, views left out). A GPU trims the batch only to its longest row.
+LENGTH_GROUPS = {"cpu": 4}
+
+
+def length_groups(lengths: np.ndarray, device: torch.device, count: int | None = None) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """The batch's rows sorted by window length in `count` groups (by default LENGTH_GROUPS of
+    the device type, else 1): (rows, label steps, real positions), all from host-side lengths,
+    so no device sync."""
+    count = count or LENGTH_GROUPS.get(device.type, 1)
     order = np.argsort(lengths, kind="stable")
     groups = []
     for rows in np.array_split(order, count):
@@ -308,11 +318,15 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrialConf
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(generator)  # negatives: the trial's generator
             optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients it reuses
-            with torch.cuda.graph(graph):
-                with autocast():
-                    loss = fixed_loss(buffers)
-                loss.backward()
-                optimizer.step()
+            try:
+                with torch.cuda.graph(graph):
+                    with autocast():
+                        loss = fixed_loss(buffers)
+                    loss.backward()
+                    optimizer.step()
+            except RuntimeError as error:  # an op that cannot be captured (CUDA says only "not permitted")
+                raise UserError(f"cuda_graphs: capturing the {cfg.label} step failed ({str(error).splitlines()[0]}); "
+                                "set cuda_graphs: false to train eagerly") from error
             graphs[bucket] = (graph, loss, buffers)
         graph, loss, buffers = graphs[bucket]
         for name, buffer in buffers.items():

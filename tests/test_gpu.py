@@ -1,5 +1,6 @@
-"""GPU-only checks (skipped without CUDA): the training step never waits on the device, chunked CE
-holds on CUDA in fp32 and bf16, and the models learn under bf16 autocast as they do on the CPU."""
+"""GPU-only checks (skipped without CUDA): the training step never waits on the device, a trial whose
+steps are replayed CUDA graphs learns, chunked CE holds on CUDA in fp32 and bf16, and the models
+learn under bf16 autocast as they do on the CPU."""
 import pytest
 import torch
 
@@ -38,6 +39,20 @@ def test_training_step_has_no_device_to_host_sync(model, loss, negatives, graphs
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(total)
+
+
+# The CUDA-graph check first: it is what a short GPU session most needs to learn.
+@pytest.mark.parametrize("model, loss, negatives, epochs", [("sasrec", "ce", None, 6), ("sasrec", "sampled_ce", 30, 6),
+                                                            ("sasrec", "bce", None, 8), ("bert4rec", None, None, 30)])
+def test_cuda_graphs_trial_learns_the_planted_order(model, loss, negatives, epochs):
+    """Only 3 warm-up steps and each epoch's last, short batch run eagerly: the model learns only
+    if the replayed graph really trains it."""
+    from raysweep.train import run_trial
+
+    cfg = TrialConfig.from_dict(dict(dataset="synthetic-chains", model=model, loss=loss, negatives=negatives,
+                                     max_epochs=epochs, hidden=32, lr=5e-3, val_users=500, device="cuda",
+                                     cuda_graphs=True))
+    assert run_trial(cfg)["test"]["ndcg@10"] >= 0.8
 
 
 @pytest.mark.parametrize("torch_chunked", [False, True], ids=["raysweep", "torch"])
@@ -80,16 +95,3 @@ def test_learns_the_planted_order_on_cuda_in_bf16(model, loss, negatives, epochs
 
     assert ndcg("synthetic-chains") >= 0.8
     assert ndcg("synthetic-shuffled") < 0.2
-
-
-@pytest.mark.parametrize("model, loss, negatives, epochs", [("sasrec", "ce", None, 6), ("sasrec", "sampled_ce", 30, 6),
-                                                            ("sasrec", "bce", None, 8), ("bert4rec", None, None, 30)])
-def test_cuda_graphs_trial_learns_the_planted_order(model, loss, negatives, epochs):
-    """Only 3 warm-up steps and each epoch's last, short batch run eagerly: the model learns only
-    if the replayed graph really trains it."""
-    from raysweep.train import run_trial
-
-    cfg = TrialConfig.from_dict(dict(dataset="synthetic-chains", model=model, loss=loss, negatives=negatives,
-                                     max_epochs=epochs, hidden=32, lr=5e-3, val_users=500, device="cuda",
-                                     cuda_graphs=True))
-    assert run_trial(cfg)["test"]["ndcg@10"] >= 0.8

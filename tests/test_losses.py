@@ -129,7 +129,8 @@ def test_position_negatives_avoid_the_window():
     assert not (neg[:, :, None] == windows[:, None, :]).any()
 
 
-def test_sampled_ce_by_length_groups_equals_the_whole_batch():
+@pytest.mark.parametrize("count", [1, 3])  # 1: a GPU's (LENGTH_GROUPS)
+def test_sampled_ce_by_length_groups_equals_the_whole_batch(count):
     from raysweep.trainer import length_groups
 
     g = torch.Generator().manual_seed(5)
@@ -141,7 +142,7 @@ def test_sampled_ce_by_length_groups_equals_the_whole_batch():
     w = torch.randn(41, 6, generator=g, dtype=torch.float64, requires_grad=True)
     negatives = torch.randint(1, 41, (8, 5), generator=g)
     whole = losses.sampled_ce(h, labels, w, negatives)
-    grouped = losses.sampled_ce(h, labels, w, negatives, length_groups(lengths, torch.device("cpu"), count=3))
+    grouped = losses.sampled_ce(h, labels, w, negatives, length_groups(lengths, torch.device("cpu"), count=count))
     assert abs(float(whole.detach()) - float(grouped.detach())) < 1e-12
     for a, b in zip(_grads(whole, h, w), _grads(grouped, h, w)):
         assert torch.allclose(a, b, atol=1e-12)
