@@ -7,7 +7,8 @@ Each row trains real epochs of the shared trainer on the real data with the pape
 and reports the median epoch after the first (which pays for warm-up), with the test NDCG@10
 of the same run: after `--epochs` epochs, or, with `--converge`, after training by the
 paper's rule, next to the paper's where ANCHORS.md has it. `--steps K` (CPU) times K training
-steps and one validation pass instead and scales them to a whole epoch; the table says so.
+steps and one validation pass instead and scales them to a whole epoch; the table says so,
+and how many ops one eager step dispatches (`kernel_ops`).
 Reference seconds: the paper's code on an H100 (ANCHORS.md); compare only on that card.
 """
 from __future__ import annotations
@@ -39,10 +40,34 @@ ROWS = {
 }
 
 
+# Ops that only make a view of a tensor: they launch no kernel on a GPU.
+VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
+            "squeeze", "alias", "as_strided", "detach", "_reshape_alias", "split", "unbind"}
+
+
+def kernel_ops(run) -> int:
+    """How many ops that compute (views left out) `run()` dispatches on its device. On a GPU about
+    the kernels an eager step launches, which bound its speed when the tensors are small
+    (ANCHORS.md); on the CPU Adam adds a loop of ops per parameter where a GPU runs one fused kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.total += func.overloadpacket.__name__ not in VIEW_OPS
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.total
+
+
 def epoch_seconds(cfg: TrialConfig, device: torch.device, steps: int,
                   compile: str | None = None) -> tuple[float, float, float | None, str]:
     """(train seconds, validation seconds) of one epoch, the run's test NDCG@10 (None when
-    only `steps` steps ran), and how the seconds were measured.
+    only `steps` steps ran), and how the seconds were measured (with, for an eager step, the
+    ops it dispatches: `kernel_ops`).
 
     Whole epochs: the trainer's `fit` under the trial's budget (`max_epochs`, `patience`),
     the median epoch after the first (which pays for warm-up), then the test of the best
@@ -72,6 +97,8 @@ def epoch_seconds(cfg: TrialConfig, device: torch.device, steps: int,
     # a CUDA graph is captured after 3 eager steps.
     warm = 20 if compile else 5 if cfg.cuda_graphs else 2
     train_steps(step, batches[:warm], device)
+    ops = "" if cfg.cuda_graphs or compile else f", {kernel_ops(lambda: step(batches[warm]))} ops/step"
+    warm += 1
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -80,7 +107,7 @@ def epoch_seconds(cfg: TrialConfig, device: torch.device, steps: int,
     train = (time.perf_counter() - started) / steps * len(batches)
     started = time.perf_counter()
     evaluate_split(model, cfg, data, "val", validation_users(data.num_users, cfg.val_users, cfg.seed, device), autocast)
-    return train, time.perf_counter() - started, None, f"{steps} steps scaled to {len(batches)}"
+    return train, time.perf_counter() - started, None, f"{steps} steps scaled to {len(batches)}{ops}"
 
 
 @cli

@@ -88,3 +88,20 @@ def test_packing_picks_the_fewest_trials_near_the_best_rate():
     assert packing.packing_choice({1: 1.0, 2: 1.53, 4: 1.40}) == 2  # this CPU's figures: past 2, slower
     assert packing.packing_choice({1: 1.0, 2: 1.9, 4: 3.5, 8: 3.6}) == 4  # 8 gains under 5 %
     assert packing.packing_choice({1: 1.0, 2: 1.9, 4: 3.0, 8: 3.6}) == 8
+
+
+def test_speed_counts_the_ops_that_compute_and_leaves_out_views(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # speed.py imports its sibling reproduce.py
+    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    a = torch.ones(4, 3, requires_grad=True)
+    assert speed.kernel_ops(lambda: (a + 1).view(3, 4).t() * 2) == 2  # add, mul; view and t are views
+    # Backward ops count too: add, mul, sum, then the seed gradient (ones_like) and mul's (mul);
+    # expanding the seed and the leaf's detach are views.
+    b = torch.ones(4, 3, requires_grad=True)
+    assert speed.kernel_ops(lambda: ((b + 1) * 2).sum().backward()) == 5
