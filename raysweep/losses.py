@@ -210,17 +210,39 @@ def masked_bce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, nega
     return (_masked_mean(F.softplus(-pos), real) + _masked_mean(F.softplus(neg), real)) / 2
 
 
-def _allowed(pool: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """[B, num_items + 1]: pool items that are not in sequence b's training window."""
-    allowed = pool.expand(len(windows), -1).clone()
-    allowed.scatter_(1, windows, False)
-    return allowed
+def _free_ranks(pool_rank: torch.Tensor, size: int, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which pool items each sequence may draw, without a [B, items] mask: (skips [B, W], free [B]).
+
+    A window takes some pool ranks (its distinct items that occur in training); sorted, the
+    j-th taken rank r_j has r_j - j free ranks below it. So the u-th free rank (0-based) is
+    u + #{j : r_j - j <= u}: `skips` holds r_j - j (nondecreasing), then the pool's `size` for
+    the window's unused columns, and `free` how many ranks each row has free.
+    """
+    ranks = pool_rank[windows].sort(dim=1).values  # -1: padding, or an item that never trains
+    taken = ranks >= 0
+    taken[:, 1:] &= ranks[:, 1:] != ranks[:, :-1]  # a repeated item takes its rank once
+    ranks = torch.where(taken, ranks, size).sort(dim=1).values  # the taken ranks first, ascending
+    step = torch.arange(ranks.shape[1], device=ranks.device)
+    skips = torch.where(ranks < size, ranks - step, size)
+    return skips, size - taken.sum(1)
+
+
+def _free_items(pool_items: torch.Tensor, skips: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[B, k]: the u-th free pool item of each row (u: [B, k], each below the row's `free`)."""
+    return pool_items[u + torch.searchsorted(skips, u, right=True)]
+
+
+def _uniform_below(free: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, count] integers uniform in [0, free_b) (fp64: biased by at most 2^-53 per value)."""
+    u = torch.rand((len(free), count), generator=generator, device=free.device, dtype=torch.float64)
+    return (u * free[:, None]).long()
 
 
 @functools.lru_cache(maxsize=64)  # the same (N, pool, window) every step of a trial
 def _draws_needed(n: int, pool_size: int, window: int) -> int | None:
-    """How many draws with replacement leave N distinct allowed items (8 sigma), or None
-    when that would take more than 4N draws (N near the pool size: sample densely instead)."""
+    """How many draws with replacement from the pool leave N distinct items outside a window of
+    `window` (8 sigma), or None when that would take more than 4N draws (N near the pool size:
+    sample densely instead)."""
     allowed = pool_size - window
     draws = n + window
     while draws <= 4 * n:
@@ -231,31 +253,41 @@ def _draws_needed(n: int, pool_size: int, window: int) -> int | None:
     return None
 
 
-def shared_negatives(pool: torch.Tensor, pool_items: torch.Tensor, windows: torch.Tensor, n: int,
+def shared_negatives(pool_rank: torch.Tensor, pool_items: torch.Tensor, windows: torch.Tensor, n: int,
                      generator: torch.Generator) -> torch.Tensor:
     """[B, N]: N distinct items per sequence, none in its window (loss (3)'s negatives).
 
     Uniform without replacement: random keys over the candidates, keep the N smallest. For
     N well below the pool the candidates are a few more than N draws with replacement,
     deduplicated (the distinct values of i.i.d. uniform draws are a uniform subset); else
-    the whole catalogue. Both are free of host syncs.
+    every pool item. Both are free of host syncs. `pool_rank`: each item's index in
+    `pool_items`, -1 for items that never occur in training.
     """
-    allowed = _allowed(pool, windows)
-    draws = _draws_needed(n, len(pool_items), windows.shape[1])
+    rows, size, device = len(windows), len(pool_items), windows.device
+    taken = pool_rank[windows] % (size + 1)  # the window's pool ranks; padding and the like -> column `size`
+    draws = _draws_needed(n, size, windows.shape[1])
     if draws is None:
-        keys = torch.rand(allowed.shape, generator=generator, device=pool.device)
-        keys.masked_fill_(~allowed, 2.0)
-        return keys.topk(n, dim=1, largest=False, sorted=False).indices
-    picks = torch.randint(len(pool_items), (len(windows), draws), generator=generator, device=pool.device)
-    candidates, _ = pool_items[picks].sort(dim=1)
-    usable = allowed.gather(1, candidates)
-    usable[:, 1:] &= candidates[:, 1:] != candidates[:, :-1]
-    keys = torch.rand(candidates.shape, generator=generator, device=pool.device)
-    keys.masked_fill_(~usable, 2.0)
-    return candidates.gather(1, keys.topk(n, dim=1, largest=False, sorted=False).indices)
+        keys = torch.rand((rows, size + 1), generator=generator, device=device)
+        keys.scatter_(1, taken, 2.0)
+        keys[:, size] = 2.0
+        return pool_items[keys.topk(n, dim=1, largest=False, sorted=False).indices]
+    picks = torch.randint(size, (rows, draws), generator=generator, device=device)  # pool ranks
+    # Each rank drawn keeps one owner among its copies (whichever the scatter leaves: their keys
+    # are alike), the window's ranks none. Without sorting the draws: Beauty, N = 3000, one CPU
+    # thread, 25.6 ms (sorted, deduplicated neighbours) -> 11.5 ms.
+    order = torch.arange(draws, device=device, dtype=torch.int32)
+    owner = torch.full((rows, size + 1), -1, dtype=torch.int32, device=device)
+    owner.scatter_(1, picks, order.expand(rows, -1))
+    owner.scatter_(1, taken, -1)
+    keys = torch.rand((rows, draws), generator=generator, device=device)
+    keys.masked_fill_(owner.gather(1, picks) != order, 2.0)
+    return pool_items[picks.gather(1, keys.topk(n, dim=1, largest=False, sorted=False).indices)]
 
 
-def position_negatives(pool: torch.Tensor, windows: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
-    """[B, steps]: one item per position, with replacement, none in the sequence's window."""
-    allowed = _allowed(pool, windows).float()
-    return torch.multinomial(allowed, steps, replacement=True, generator=generator)
+def position_negatives(pool_rank: torch.Tensor, pool_items: torch.Tensor, windows: torch.Tensor, steps: int,
+                       generator: torch.Generator) -> torch.Tensor:
+    """[B, steps]: one item per position, uniform with replacement over the pool items outside
+    the sequence's window (Beauty, one CPU thread: 0.24 ms; 8.2 ms as multinomial sampling over
+    a [B, items] mask)."""
+    skips, free = _free_ranks(pool_rank, len(pool_items), windows)
+    return _free_items(pool_items, skips, _uniform_below(free, steps, generator))

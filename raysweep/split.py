@@ -85,8 +85,8 @@ class SequenceData:
     starts: torch.Tensor  # [U] where each user's history starts in `items`
     val_seen_lengths: torch.Tensor  # [U] len(s[:-2])
     test_seen_lengths: torch.Tensor  # [U] len(s[:-1])
-    negative_pool: torch.Tensor  # bool [num_items + 1]: items that occur in the training split
-    pool_items: torch.Tensor  # the same items as a list of ids
+    pool_items: torch.Tensor  # the items that occur in the training split (negatives come from them)
+    pool_rank: torch.Tensor  # [num_items + 1]: each item's index in pool_items, -1 if not there
     max_window_items: int  # most distinct items in one training window (bounds N)
 
     @property
@@ -95,7 +95,7 @@ class SequenceData:
 
     @property
     def pool_size(self) -> int:
-        return int(self.negative_pool.sum())
+        return len(self.pool_items)
 
 
 def sequence_data(split: Split, max_len: int, device: torch.device | str = "cpu") -> SequenceData:
@@ -129,7 +129,7 @@ def sequence_data(split: Split, max_len: int, device: torch.device | str = "cpu"
         starts=t(split.offsets[:-1]),
         val_seen_lengths=t(np.diff(split.offsets) - 2),
         test_seen_lengths=t(np.diff(split.offsets) - 1),
-        negative_pool=t(pool),
         pool_items=t(np.flatnonzero(pool)),
+        pool_rank=t(np.where(pool, np.cumsum(pool) - 1, -1)),
         max_window_items=int(distinct.max()),
     )

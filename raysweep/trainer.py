@@ -120,12 +120,12 @@ def batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, users: to
     inputs, labels = windows[:, :-1], windows[:, 1:]
     hidden = model(inputs)
     if cfg.loss == "sampled_ce":
-        negatives = losses.shared_negatives(data.negative_pool, data.pool_items, windows, cfg.negatives, generator)
+        negatives = losses.shared_negatives(data.pool_rank, data.pool_items, windows, cfg.negatives, generator)
         return losses.sampled_ce(hidden, labels, weight, negatives, length_groups(lengths, users.device))
     positions = to_device(losses.real_positions_host(np.maximum(lengths - 1, 0), width - 1), users.device)
     if cfg.loss == "ce":
         return losses.ce(hidden, labels, weight, positions)
-    negatives = losses.position_negatives(data.negative_pool, windows, labels.shape[1], generator)
+    negatives = losses.position_negatives(data.pool_rank, data.pool_items, windows, labels.shape[1], generator)
     return losses.bce(hidden, labels, weight, negatives, positions)
 
 
@@ -186,9 +186,9 @@ def fixed_batch_loss(model: nn.Module, cfg: TrialConfig, data: SequenceData, use
         flat_labels = torch.cat([labels.reshape(-1), labels.new_zeros(1)])
         return losses.masked_ce(flat_h[positions], flat_labels[positions], weight)
     if cfg.loss == "sampled_ce":
-        negatives = losses.shared_negatives(data.negative_pool, data.pool_items, windows, cfg.negatives, generator)
+        negatives = losses.shared_negatives(data.pool_rank, data.pool_items, windows, cfg.negatives, generator)
         return losses.masked_sampled_ce(hidden, labels, weight, negatives)
-    negatives = losses.position_negatives(data.negative_pool, windows, labels.shape[1], generator)
+    negatives = losses.position_negatives(data.pool_rank, data.pool_items, windows, labels.shape[1], generator)
     return losses.masked_bce(hidden, labels, weight, negatives)
 
 

@@ -98,17 +98,37 @@ def test_bce_matches_loop():
         assert torch.allclose(a, b, atol=1e-12)
 
 
+def _pool(items: int, never: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pool mask, pool_items, pool_rank) with items 1..never-1 never in training."""
+    pool = torch.ones(items + 1, dtype=torch.bool)
+    pool[:never] = False
+    rank = torch.where(pool, pool.cumsum(0) - 1, -1)
+    return pool, pool.nonzero().squeeze(1), rank
+
+
+def test_free_items_are_the_pool_items_outside_each_window_in_order():
+    """The u-th free item, mapped through skips without a [B, items] mask, against a plain list."""
+    g = torch.Generator().manual_seed(3)
+    pool, pool_items, pool_rank = _pool(60, 8)
+    windows = torch.randint(0, 61, (50, 12), generator=g)  # padding, repeats, never-trained items
+    windows[::7] = 0
+    skips, free = losses._free_ranks(pool_rank, len(pool_items), windows)
+    for b in range(len(windows)):
+        expected = [i for i in pool_items.tolist() if i not in windows[b].tolist()]
+        assert int(free[b]) == len(expected)
+        u = torch.arange(len(expected))[None]
+        assert losses._free_items(pool_items, skips[b : b + 1], u)[0].tolist() == expected
+
+
 @pytest.mark.parametrize("n, items", [(30, 1000), (900, 1000)])  # sparse draws, and dense near the pool size
 def test_shared_negatives_are_distinct_pool_items_outside_the_window(n, items):
     g = torch.Generator().manual_seed(0)
-    pool = torch.ones(items + 1, dtype=torch.bool)
-    pool[0] = False
-    pool[1:50] = False  # items that never occur in training
-    windows = torch.randint(50, items + 1, (64, 21), generator=g)
+    pool, pool_items, pool_rank = _pool(items, 50)  # items 1..49 never occur in training
+    windows = torch.randint(1, items + 1, (64, 21), generator=g)  # some never-trained items too
     windows[:, 15:] = 0
     counts = torch.zeros(items + 1)
     for _ in range(20):
-        neg = losses.shared_negatives(pool, pool.nonzero().squeeze(1), windows, n, g)
+        neg = losses.shared_negatives(pool_rank, pool_items, windows, n, g)
         assert neg.shape == (64, n)
         assert (neg.sort(1).values.diff(dim=1) > 0).all()  # without replacement
         assert pool[neg].all()
@@ -119,14 +139,22 @@ def test_shared_negatives_are_distinct_pool_items_outside_the_window(n, items):
     assert (c - c.mean()).abs().max() < 6 * c.mean().sqrt() + 5
 
 
-def test_position_negatives_avoid_the_window():
+def test_position_negatives_are_uniform_outside_the_window():
     g = torch.Generator().manual_seed(0)
-    pool = torch.ones(31, dtype=torch.bool)
-    pool[0] = False
+    pool, pool_items, pool_rank = _pool(30, 5)  # items 1..4 never occur in training
     windows = torch.randint(1, 31, (128, 11), generator=g)
-    neg = losses.position_negatives(pool, windows, 10, g)
+    windows[:, 8:] = 0
+    neg = losses.position_negatives(pool_rank, pool_items, windows, 10, g)
     assert neg.shape == (128, 10) and pool[neg].all()
     assert not (neg[:, :, None] == windows[:, None, :]).any()
+    # One window for every row: each of its free items drawn equally often (within 6 sigma).
+    windows = torch.tensor([[5, 9, 9, 12, 30, 0]]).expand(64, -1)
+    neg = losses.position_negatives(pool_rank, pool_items, windows, 500, g)
+    counts = torch.bincount(neg.flatten(), minlength=31)
+    free = [i for i in range(5, 31) if i not in (5, 9, 12, 30)]
+    assert counts.nonzero().squeeze(1).tolist() == free
+    mean = neg.numel() / len(free)
+    assert (counts[free] - mean).abs().max() < 6 * mean ** 0.5
 
 
 @pytest.mark.parametrize("count", [1, 3])  # 1: a GPU's (LENGTH_GROUPS)

@@ -1,4 +1,3 @@
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -30,7 +29,8 @@ def test_leave_one_out_and_tensors():
     # Seen items are the whole history before the target, not just the last L.
     assert data.val_seen_lengths.tolist() == [4, 1, 2] and data.test_seen_lengths.tolist() == [5, 2, 3]
     # Negatives come from items of the training split only (4, 6 and 8 never train).
-    assert np.flatnonzero(data.negative_pool.numpy()).tolist() == [1, 2, 3, 5, 7, 9]
+    assert data.pool_items.tolist() == [1, 2, 3, 5, 7, 9]
+    assert data.pool_rank.tolist() == [-1, 0, 1, 2, -1, 3, -1, 4, -1, 5]
     assert data.max_window_items == 4
 
 
