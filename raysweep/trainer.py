@@ -49,10 +49,10 @@ class FitResult:
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on `device` without a host-device sync. PyTorch copies pageable host memory
-    to a GPU with cudaMemcpyAsync + cudaStreamSynchronize, so each such copy inside a step
-    would stall the host until every queued kernel had run (up to 9 per step: users, 4 length
-    groups x 2). From pinned memory the copy is asynchronous; the caching host allocator keeps
-    the pinned block until the copy is done."""
+    to a GPU with cudaMemcpyAsync + cudaStreamSynchronize, so each such copy inside a step (the
+    users, their real positions or length groups, BERT4Rec's masks) would stall the host until
+    every queued kernel had run. From pinned memory the copy is asynchronous; the caching host
+    allocator keeps the pinned block until the copy is done."""
     return _staged(array, device).to(device, non_blocking=True)
 
 
