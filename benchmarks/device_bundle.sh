@@ -5,7 +5,7 @@
 #  - whl/: implicit (BPR-MF) and pydantic for the image's Python 3.12 (it has torch, pandas,
 #    pyarrow, matplotlib, pytest, PyYAML, but neither of these nor Ray).
 # Then, with the device tool, one call:
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".device"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh all", carry=[".device"], timeout_s=600)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mirror=${RAYSWEEP_MIRROR:-../shared/data}
