@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -212,8 +213,10 @@ def parse_interactions(text: bytes, where: str) -> pd.DataFrame:
     if not text.strip():
         raise UserError(f"{where}: empty file, no interactions")
     try:
-        frame = pd.read_csv(io.BytesIO(text), sep=" ", header=None, names=["user_id", "item_id"],
-                            dtype="int64", engine="c", skip_blank_lines=False)
+        with warnings.catch_warnings():  # pandas warns before it refuses "inf" or "1e30": one line, ours
+            warnings.simplefilter("ignore", RuntimeWarning)
+            frame = pd.read_csv(io.BytesIO(text), sep=" ", header=None, names=["user_id", "item_id"],
+                                dtype="int64", engine="c", skip_blank_lines=False)
     except (ValueError, OverflowError, pd.errors.ParserError):
         raise _first_bad_line(text, where) from None
     if frame.isna().any().any():

@@ -49,6 +49,7 @@ def test_cache_is_parquet_and_reused(tmp_path):
     (b"1 2\n1 3 4\n", "line 2"),
     (b"1 2\n1\t3\n", "line 2"),
     (b"1 2\n1 2.5\n", "line 2"),
+    (b"1 2\n1 inf\n", "line 2"),
     (b"1 2\n0 3\n", "line 2: ids must be positive"),
     (b"1 2\n2 3\n1 4\n", "line 3: user 1 appears again"),
 ])
@@ -123,8 +124,16 @@ def test_corrupt_mirror_copy_is_refused(tmp_path):
     assert not (tmp_path / "cache" / "ml-1m").exists()
 
 
-def test_cli_bad_input_exits_2():
+def test_cli_bad_input_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "raysweep.data", "stats", "nope"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown dataset 'nope' (known: " + ", ".join(data.REGISTRY) + ", or a path to a .txt file)"]
+    # A value pandas casts with a warning before refusing it: still the one line.
+    (tmp_path / "mine.txt").write_text("1 2\n1 1e30\n")
+    result = subprocess.run([sys.executable, "-m", "raysweep.data", "stats", str(tmp_path / "mine.txt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'mine.txt'}, line 2: expected 'user_id item_id' (two positive integers below 10^18 "
+        "separated by one space), got '1 1e30'"]
