@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from raysweep.config import TrialConfig
+from raysweep.errors import UserError
 from raysweep.metrics import evaluate
 from raysweep.split import Split
 from raysweep.trainer import validation_users
@@ -60,7 +61,10 @@ def _metrics(split: Split, users: torch.Tensor, factors, stage: str) -> dict[str
 
 def run_bpr(cfg: TrialConfig, split: Split) -> dict:
     """Validation and test metrics of one BPR-MF setting, as `run_trial` reports them."""
-    import implicit.gpu
+    try:
+        import implicit.gpu
+    except ImportError as error:  # only BPR-MF needs it: the GPU image, for one, lacks it
+        raise UserError(f"model 'bpr' (BPR-MF) needs the implicit package ({error}); pip install implicit") from error
 
     use_gpu = bool(implicit.gpu.HAS_CUDA) and cfg.device != "cpu"
     started = time.perf_counter()

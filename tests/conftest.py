@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+NEEDS_RAY = "the sweep layer's tests need Ray (pip install -e '.[test]'); the core's run without it"
+
 # The local mirror of upstream: ../shared/data beside the checkout, or RAYSWEEP_MIRROR where the
 # checkout travels alone (the lent GPU machine: benchmarks/gpu_session.sh points it at .device/).
 MIRROR = Path(os.environ.get("RAYSWEEP_MIRROR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -36,7 +38,7 @@ def ray_cluster():
     The head has a logical GPU (num_gpus=1) so fractional-GPU scheduling can be checked on a
     machine without one. Only what this fixture started is stopped at the end.
     """
-    import ray
+    ray = pytest.importorskip("ray", reason=NEEDS_RAY)
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})

@@ -3,7 +3,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
+
+from conftest import NEEDS_RAY
+
+pytest.importorskip("ray", reason=NEEDS_RAY)
+from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import NEEDS_RAY
 from raysweep.errors import UserError
 from raysweep.results import load_records
 from raysweep.run import prepare_run_dir, run_lock, run_sweep
@@ -211,6 +212,7 @@ def test_full_results_directory_fails_before_any_trial(tmp_path, monkeypatch):
 def test_local_mode_listens_on_loopback_only_and_the_dashboard_needs_the_token(tmp_path):
     """A fresh local Ray as `raysweep.run` starts it, with Ray's default (token) auth: every
     port that Ray's processes (GCS, raylet, dashboard, agents, a worker) listen on is on 127.0.0.1."""
+    pytest.importorskip("ray", reason=NEEDS_RAY)
     probe = """
 import os, re, subprocess, time, urllib.request, urllib.error
 from raysweep.run import start_ray
@@ -255,6 +257,7 @@ except urllib.error.HTTPError as exc:
 
 def test_local_mode_says_so_when_ray_was_imported_too_early():
     """The loopback switch is read when ray is imported: a caller who imported ray first is told."""
+    pytest.importorskip("ray", reason=NEEDS_RAY)
     probe = "import ray\nfrom raysweep.run import start_ray\nstart_ray(None)\nray.shutdown()\n"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180)

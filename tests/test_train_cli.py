@@ -6,8 +6,12 @@ import pandas as pd
 import pytest
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "raysweep.train", *args], capture_output=True, text=True)
+def _run(*args, blocked=()):
+    """`python -m raysweep.train ARGS`, with the packages in `blocked` made unimportable."""
+    block = f"import runpy, sys; sys.modules.update(dict.fromkeys({list(blocked)!r})); "
+    start = ["-c", block + "sys.argv[0] = 'raysweep.train'; runpy.run_module('raysweep.train', run_name='__main__')"]
+    return subprocess.run([sys.executable, *(start if blocked else ["-m", "raysweep.train"]), *args],
+                          capture_output=True, text=True)
 
 
 def test_trial_writes_metrics_and_history(tmp_path):
@@ -21,6 +25,21 @@ def test_trial_writes_metrics_and_history(tmp_path):
     history = pd.read_parquet(tmp_path / "history.parquet")
     assert list(history["epoch"]) == [1, 2] and "val_ndcg@10" in history
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_core_trains_without_ray_optuna_or_implicit(tmp_path):
+    """What a GPU machine without Ray runs: a trial needs only torch, numpy, pandas and pyarrow."""
+    result = _run("--dataset", "synthetic-chains", "--loss", "ce", "--max-epochs", "1", "--hidden", "16",
+                  "--out", str(tmp_path), blocked=("ray", "optuna", "implicit"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["test"]["ndcg@10"] > 0
+
+
+def test_bpr_without_implicit_is_one_line_exit_2(tmp_path):
+    result = _run("--dataset", "synthetic-chains", "--model", "bpr", "--out", str(tmp_path), blocked=("implicit",))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model 'bpr' (BPR-MF) needs the implicit package" in lines[0], result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
