@@ -132,8 +132,9 @@ def main() -> int:
     todo = [c for c in grid if c not in skipped and (read_record(run_dir, trial_key(c)) or {}).get("status") != "ok"]
     threads = max(1, (os.cpu_count() or 1) // args.concurrent)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    print(f"[one_card] {len(grid)} trials ({len(grid) - len(todo) - len(skipped)} already recorded, "
-          f"{len(skipped)} BPR-MF skipped: implicit is not installed), {args.concurrent} at once on {args.device}, "
+    no_bpr = f", {len(skipped)} BPR-MF skipped: implicit is not installed" if skipped else ""
+    print(f"[one_card] {len(grid)} trials ({len(grid) - len(todo) - len(skipped)} already recorded{no_bpr}), "
+          f"{args.concurrent} at once on {args.device}, "
           f"{threads} CPU threads each; run directory {run_dir}", flush=True)
     started = time.perf_counter()
     running: dict[subprocess.Popen, tuple[TrialConfig, Path, float, Path]] = {}
