@@ -13,7 +13,7 @@ from raysweep.split import leave_one_out, sequence_data
 
 
 def _setup(**settings):
-    cfg = TrialConfig.from_dict(dict(dataset="synthetic-chains", loss="ce", hidden=16, val_users=100, **settings))
+    cfg = TrialConfig.from_dict({**dict(dataset="synthetic-chains", loss="ce", hidden=16, val_users=100), **settings})
     data = sequence_data(leave_one_out(load_interactions(cfg.dataset)), cfg.max_len)
     torch.manual_seed(0)
     model = build_model(cfg.model, data.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.max_len, cfg.dropout)
@@ -115,6 +115,62 @@ def test_the_fixed_shape_step_learns_the_planted_order(model, loss, negatives, e
             optimizer.step()
     test = trainer.evaluate_split(net, cfg, data, "test", torch.arange(data.num_users), contextlib.nullcontext)
     assert test["ndcg@10"] >= 0.8
+
+
+# Ops that make the host wait for a GPU: they read a value or a data-dependent size back
+# (`.item()` is _local_scalar_dense; indexing by a boolean mask runs nonzero inside the kernel).
+SYNCING_OPS = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+               "_local_scalar_dense", "is_nonzero", "equal", "repeat_interleave", "bincount", "histc"}
+INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+def _syncing_ops(run) -> list[str]:
+    """The ops of `run()` (backward included) that would wait for a GPU, as dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            masks = name in INDEXING_OPS and any(getattr(i, "dtype", None) == torch.bool for i in args[1])
+            if name in SYNCING_OPS or masks:
+                found.append(name + (" (boolean mask)" if masks else ""))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        run()
+    return found
+
+
+@pytest.mark.parametrize("model, loss, negatives, torch_chunked", [
+    ("sasrec", "ce", None, False), ("sasrec", "ce", None, True), ("sasrec", "sampled_ce", 30, False),
+    ("sasrec", "bce", None, False), ("bert4rec", None, None, False), ("bert4rec", None, None, True),
+    ("gru4rec", "ce", None, False), ("gru4rec", "ce", None, True)])  # full CE: raysweep's and PyTorch's
+def test_the_training_step_dispatches_nothing_that_waits_for_a_gpu(model, loss, negatives, torch_chunked, monkeypatch):
+    """The CPU's view of the GPU test `test_training_step_has_no_device_to_host_sync`, for every CI
+    run: the eager step (loss, backward, fused Adam) and the fixed-shape step that cuda_graphs
+    captures dispatch no op that reads the device back. (Host-to-GPU copies are the GPU test's.)"""
+    import numpy as np
+
+    from raysweep import losses
+
+    if torch_chunked and not losses.TORCH_CHUNKED_CE:
+        pytest.skip("this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
+    monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", torch_chunked)
+    cfg, data, net = _setup(model=model, loss=loss, negatives=negatives)
+    device, rng, generator = torch.device("cpu"), np.random.default_rng(0), torch.Generator().manual_seed(0)
+    step = trainer.make_step(net, trainer.make_optimizer(net, cfg, device), cfg, data, device, generator, rng,
+                             contextlib.nullcontext)
+    batch = np.arange(cfg.batch_size)
+    step(batch)  # Adam's state is created at the first step
+    assert _syncing_ops(lambda: step(batch)) == []
+    assert _syncing_ops(lambda: _fixed_loss(net, cfg, data, batch, generator, rng).backward()) == []
+
+
+def test_the_sync_check_sees_a_boolean_mask_and_an_item():
+    values = torch.arange(6.0)
+    assert _syncing_ops(lambda: values[values > 2].sum().item()) == ["index (boolean mask)", "_local_scalar_dense"]
 
 
 def test_cuda_graphs_on_the_cpu_is_one_line():
