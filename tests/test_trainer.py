@@ -124,22 +124,32 @@ SYNCING_OPS = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", 
 INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
-def _syncing_ops(run) -> list[str]:
-    """The ops of `run()` (backward included) that would wait for a GPU, as dispatched."""
+def _dispatched(run) -> list[tuple[str, object]]:
+    """The ops `run()` dispatches (backward included), each with its arguments: tensors as
+    (shape, dtype), anything else as it is."""
+    from torch.utils._pytree import tree_map
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    found = []
+    calls = []
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            masks = name in INDEXING_OPS and any(getattr(i, "dtype", None) == torch.bool for i in args[1])
-            if name in SYNCING_OPS or masks:
-                found.append(name + (" (boolean mask)" if masks else ""))
+            described = tree_map(lambda a: (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a, args)
+            calls.append((func.overloadpacket.__name__, described))
             return func(*args, **(kwargs or {}))
 
     with Record():
         run()
+    return calls
+
+
+def _syncing_ops(run) -> list[str]:
+    """The ops of `run()` that would wait for a GPU."""
+    found = []
+    for name, args in _dispatched(run):
+        masks = name in INDEXING_OPS and any(i is not None and i[1] == torch.bool for i in args[1])
+        if name in SYNCING_OPS or masks:
+            found.append(name + (" (boolean mask)" if masks else ""))
     return found
 
 
@@ -171,6 +181,38 @@ def test_the_training_step_dispatches_nothing_that_waits_for_a_gpu(model, loss, 
 def test_the_sync_check_sees_a_boolean_mask_and_an_item():
     values = torch.arange(6.0)
     assert _syncing_ops(lambda: values[values > 2].sum().item()) == ["index (boolean mask)", "_local_scalar_dense"]
+
+
+@pytest.mark.parametrize("model, loss, negatives", [("sasrec", "ce", None), ("sasrec", "sampled_ce", 100),
+                                                    ("sasrec", "bce", None), ("bert4rec", None, None),
+                                                    ("gru4rec", "ce", None)])
+def test_the_fixed_shape_step_is_one_program_for_every_batch_of_a_bucket(model, loss, negatives):
+    """What lets cuda_graphs replay one captured step for other batches: on Beauty's batches of
+    unequal lengths, every op of the fixed-shape loss and its backward gets the same shapes and
+    the same non-tensor arguments in two batches of the same bucket (while the eager step's differ)."""
+    import numpy as np
+
+    cfg, data, net = _setup(dataset="beauty", model=model, loss=loss, negatives=negatives)
+    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    batches = trainer.epoch_batches(rng.permutation(data.num_users), cfg.batch_size)[:8]
+    buckets = {}
+    for batch in batches:
+        positions = trainer.fixed_inputs(cfg, data, batch, np.random.default_rng(0)).positions
+        buckets.setdefault(0 if positions is None else len(positions), []).append(batch)
+    first, second = max(buckets.values(), key=len)[:2]
+
+    def fixed(batch):
+        net.zero_grad(set_to_none=True)  # (else the second backward accumulates: other ops)
+        return _dispatched(lambda: _fixed_loss(net, cfg, data, batch, generator, np.random.default_rng(0)).backward())
+
+    def eager(batch):
+        net.zero_grad(set_to_none=True)
+        lengths = data.train_lengths_host[batch]
+        return _dispatched(lambda: trainer.batch_loss(net, cfg, data, torch.as_tensor(batch), lengths, generator,
+                                                      np.random.default_rng(0)).backward())
+
+    assert fixed(first) == fixed(second)
+    assert eager(first) != eager(second)  # trimmed to each batch's own lengths: the check can tell
 
 
 def test_cuda_graphs_on_the_cpu_is_one_line():
