@@ -125,6 +125,16 @@ class _ChunkedCE(torch.autograd.Function):
 TORCH_CHUNKED_CE = hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
+def _under_autocast(h: torch.Tensor) -> torch.Tensor:
+    """h in the dtype autocast gives matmuls (as it is outside autocast), for PyTorch's chunked CE.
+    That op is not an autocast op: fed the final LayerNorm's fp32 output under bf16 autocast, it
+    multiplies in fp32, where _ChunkedCE's matmuls run in bf16 (Beauty's CE shape, one CPU thread
+    with avx512_bf16: 315 ms forward + backward in fp32, 100 ms in bf16). Its sums stay fp32; it
+    returns the loss in bf16, which `ce` and `masked_ce` hand on in fp32 as every loss here."""
+    kind = h.device.type
+    return h.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else h
+
+
 def _candidates(weight: torch.Tensor, h: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, int]:
     """The candidate rows 1..num_items (no padding) in h's dtype, and the chunk of rows to use."""
     candidates = weight[1:]
@@ -142,9 +152,11 @@ def ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, positions: t
        chunk: int | None = None) -> torch.Tensor:
     """Full-catalogue softmax CE; `weight` rows 1..num_items are the candidates (no padding)."""
     h, labels, _ = _select(h, labels, positions)
-    candidates, chunk = _candidates(weight, h, chunk)
     if TORCH_CHUNKED_CE and len(h):  # (a batch with no target has loss 0: _ChunkedCE's case)
-        return F.linear_cross_entropy(h, candidates, labels - 1, options=_torch_options(chunk))
+        h = _under_autocast(h)
+        candidates, chunk = _candidates(weight, h, chunk)
+        return _fp32(F.linear_cross_entropy(h, candidates, labels - 1, options=_torch_options(chunk)))
+    candidates, chunk = _candidates(weight, h, chunk)
     return _ChunkedCE.apply(h, candidates, labels - 1, chunk)
 
 
@@ -190,10 +202,12 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def masked_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     h, targets = h.reshape(-1, h.shape[-1]), labels.reshape(-1) - 1  # padding -> -1, ignored
+    if TORCH_CHUNKED_CE:
+        h = _under_autocast(h)
     candidates, chunk = _candidates(weight, h, chunk)
     if TORCH_CHUNKED_CE:
-        total = F.linear_cross_entropy(h, candidates, targets, ignore_index=-1, reduction="sum",
-                                       options=_torch_options(chunk))
+        total = _fp32(F.linear_cross_entropy(h, candidates, targets, ignore_index=-1, reduction="sum",
+                                             options=_torch_options(chunk)))
         return total / (targets >= 0).sum().clamp(min=1)
     return _ChunkedCE.apply(h, candidates, targets, chunk, True)
 

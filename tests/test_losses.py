@@ -62,6 +62,38 @@ def test_chunked_ce_equals_plain_in_fp32(torch_chunked, monkeypatch):
         assert (a - b).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["ce", "masked_ce"])
+def test_pytorchs_chunked_ce_runs_in_the_autocast_dtype_like_raysweeps(masked, monkeypatch):
+    """Under bf16 autocast both chunked CEs multiply in bf16, though the hidden states arrive in
+    fp32 (the final LayerNorm's output): PyTorch's op is not an autocast op, so `losses` casts for
+    it. Loss and gradients agree with raysweep's within bf16 rounding, and with fp32 within 2 %."""
+    if not losses.TORCH_CHUNKED_CE:
+        pytest.skip("this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(8, 50, 32, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(3001, 32, generator=g)).requires_grad_()
+    labels = torch.randint(0, 3001, (8, 50), generator=g)
+
+    def loss_of(h):
+        return losses.masked_ce(h, labels, w, chunk=97) if masked else losses.ce(h, labels, w, chunk=97)
+
+    def run(torch_chunked, autocast=True):
+        monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", torch_chunked)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of(h)
+        return loss, _grads(loss, h, w)
+
+    (theirs, their_grads), (ours, our_grads), (exact, exact_grads) = run(True), run(False), run(False, autocast=False)
+    monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", True)
+    assert theirs.dtype == torch.float32 and float(theirs.detach()) == float(loss_of(h.detach().bfloat16()).detach())
+    for loss, grads in ((theirs, their_grads), (ours, our_grads)):
+        assert abs(float(loss.detach()) - float(exact.detach())) <= 0.02 * float(exact.detach())
+        for a, b in zip(grads, exact_grads):
+            assert (a.float() - b).norm() <= 0.02 * b.norm()
+    for a, b in zip(their_grads, our_grads):
+        assert (a.float() - b.float()).norm() <= 0.02 * b.norm()
+
+
 def test_sampled_ce_matches_loop():
     h, w, labels = _inputs()
     negatives = torch.tensor([[3, 7, 9], [1, 2, 5], [11, 12, 13], [20, 30, 40]])
