@@ -41,7 +41,7 @@ def main() -> None:
         t = result["test"]
         rows.append((name, t, paper, result, time.perf_counter() - started))
     print("\n| run | HR@10 (paper) | HR@100 (paper) | NDCG@10 (paper) | NDCG@100 (paper) | HR@10 / NDCG@10 vs paper "
-          "| best epoch (paper) | s/epoch | device |")
+          "| best epoch (paper) | s/epoch | device, precision |")
     print("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for name, t, (hr10, hr100, n10, n100, epoch), result, _ in rows:
@@ -49,11 +49,11 @@ def main() -> None:
         ok &= abs(d_hr) <= 0.05 and abs(d_ndcg) <= 0.05
         print(f"| {name} | {t['hr@10']:.4f} ({hr10}) | {t['hr@100']:.4f} ({hr100}) | {t['ndcg@10']:.4f} ({n10}) | "
               f"{t['ndcg@100']:.4f} ({n100}) | {d_hr:+.1%} / {d_ndcg:+.1%} | {result['best_epoch']} ({epoch}) | "
-              f"{result['seconds_per_epoch']:.2f} | {result['device']} |")
+              f"{result['seconds_per_epoch']:.2f} | {result['device']}, {result['precision']} |")
     print("\nwithin 5 % of the paper on HR@10 and NDCG@10:", "yes" if ok else "NO")
     (args.out / "summary.json").write_text(json.dumps(
         [{"run": n, "test": t, "paper": p, "best_epoch": r["best_epoch"], "seconds_per_epoch": r["seconds_per_epoch"],
-          "device": r["device"]} for n, t, p, r, _ in rows], indent=2))
+          "device": r["device"], "precision": r["precision"]} for n, t, p, r, _ in rows], indent=2))
 
 
 if __name__ == "__main__":

@@ -75,4 +75,4 @@ def run_bpr(cfg: TrialConfig, split: Split) -> dict:
     history = [{"epoch": cfg.iterations, "loss": float("nan"), "train_seconds": seconds, "val_seconds": 0.0,
                 **{f"val_{k}": v for k, v in val.items()}}]
     return {"val": val, "test": test, "best_epoch": cfg.iterations, "epochs": cfg.iterations,
-            "train_seconds": seconds, "history": history, "device": "cuda" if use_gpu else "cpu"}
+            "train_seconds": seconds, "history": history, "device": "cuda" if use_gpu else "cpu", "precision": "fp32"}

@@ -65,7 +65,7 @@ def records_table(records: list[dict]) -> pd.DataFrame:
             row.update({f"test_{k}": v for k, v in r["test"].items()})
             row.update({"best_val_ndcg@10": r["val"]["ndcg@10"], "best_epoch": r["best_epoch"], "epochs": r["epochs"],
                         "train_seconds": r["train_seconds"], "seconds_per_epoch": r["seconds_per_epoch"],
-                        "device": r["device"]})
+                        "device": r["device"], "precision": r.get("precision")})  # (None: a record from before it was kept)
         else:
             lines = (r.get("error") or "").strip().splitlines()
             row["error"] = lines[-1] if lines else ""  # the exception line of the traceback

@@ -25,7 +25,7 @@ from raysweep.data import load_interactions
 from raysweep.errors import UserError, cli
 from raysweep.models import build_model
 from raysweep.split import SequenceData, Split, leave_one_out, sequence_data
-from raysweep.trainer import EpochReport, autocast_for, evaluate_split, fit
+from raysweep.trainer import EpochReport, autocast_for, evaluate_split, fit, native_bf16
 
 Hook = Callable[[EpochReport, Callable[[], dict]], None]
 
@@ -81,7 +81,8 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
         test = evaluate_split(model, cfg, data, "test", all_users, autocast_for(cfg, device))
         outcome = {"val": {"ndcg@10": fitted.best_ndcg}, "test": test, "best_epoch": fitted.best_epoch,
                    "epochs": fitted.epochs, "train_seconds": fitted.seconds, "history": fitted.history,
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "precision": "bf16" if cfg.amp and native_bf16(device) else "fp32"}
     return {
         "label": cfg.label, "config": cfg.to_dict(), **{k: v for k, v in outcome.items() if k != "history"},
         "seconds_per_epoch": outcome["train_seconds"] / max(outcome["epochs"], 1),
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     test = result["test"]
     print(f"test: HR@10 {test['hr@10']:.4f}  HR@100 {test['hr@100']:.4f}  NDCG@10 {test['ndcg@10']:.4f}  "
           f"NDCG@100 {test['ndcg@100']:.4f}  | best epoch {result['best_epoch']}, "
-          f"{result['train_seconds']:.1f} s ({result['seconds_per_epoch']:.2f} s/epoch, {result['device']})")
+          f"{result['train_seconds']:.1f} s ({result['seconds_per_epoch']:.2f} s/epoch, {result['device']}, "
+          f"{result['precision']})")
     if out is not None:
         write_result(result, out)
         print(f"wrote {out / 'metrics.json'} and {out / 'history.parquet'}")

@@ -247,11 +247,22 @@ def make_optimizer(model: nn.Module, cfg: TrialConfig, device: torch.device) -> 
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=cuda and cfg.cuda_graphs)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 natively: CUDA, or an x86 CPU with AVX512-BF16 or AMX. On
+    such a CPU bf16 autocast makes a Beauty step 2.4x faster with full CE (300 -> 122 ms on one
+    thread), 2.8x with GRU4Rec, 1.8x with BERT4Rec, 1.1x with SASRec+ 3000 or BCE; any other CPU
+    would emulate bf16, slower than fp32."""
+    if device.type != "cpu":
+        return device.type == "cuda"
+    return any(getattr(torch.cpu, f"_is_{unit}_supported", lambda: False)() for unit in ("avx512_bf16", "amx_tile"))
+
+
 def autocast_for(cfg: TrialConfig, device: torch.device) -> Callable[[], ContextManager]:
-    """bf16 autocast on CUDA (unless `amp` is off); a no-op elsewhere. A captured graph must not
-    keep autocast's cache of casted weights (it would hold stale copies)."""
-    enabled = device.type == "cuda" and cfg.amp
-    return lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled, cache_enabled=not cfg.cuda_graphs)
+    """bf16 autocast (unless `amp` is off) where the device computes bf16 natively (`native_bf16`);
+    a no-op elsewhere. A captured graph must not keep autocast's cache of casted weights (it would
+    hold stale copies)."""
+    enabled = cfg.amp and native_bf16(device)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=not cfg.cuda_graphs)
 
 
 def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:

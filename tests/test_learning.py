@@ -11,15 +11,18 @@ def _ndcg(**settings) -> float:
     return run_trial(TrialConfig.from_dict(settings))["test"]["ndcg@10"]
 
 
-@pytest.mark.parametrize("model, loss, negatives, epochs", [
-    ("sasrec", "ce", None, 6),
-    ("sasrec", "sampled_ce", 30, 6),
-    ("sasrec", "bce", None, 8),
-    ("gru4rec", "ce", None, 6),
-    ("bert4rec", None, None, 30),
+# amp: bf16 autocast where the CPU has native bf16 (as CI's does), fp32 elsewhere; amp=False: fp32.
+@pytest.mark.parametrize("model, loss, negatives, epochs, amp", [
+    ("sasrec", "ce", None, 6, True),
+    ("sasrec", "ce", None, 6, False),
+    ("sasrec", "sampled_ce", 30, 6, True),
+    ("sasrec", "bce", None, 8, True),
+    ("gru4rec", "ce", None, 6, True),
+    ("gru4rec", "ce", None, 6, False),
+    ("bert4rec", None, None, 30, True),
 ])
-def test_learns_order_and_not_a_shuffled_one(model, loss, negatives, epochs):
-    settings = dict(model=model, loss=loss, negatives=negatives, max_epochs=epochs, **FAST)
+def test_learns_order_and_not_a_shuffled_one(model, loss, negatives, epochs, amp):
+    settings = dict(model=model, loss=loss, negatives=negatives, max_epochs=epochs, amp=amp, **FAST)
     assert _ndcg(dataset="synthetic-chains", **settings) >= 0.8
     assert _ndcg(dataset="synthetic-shuffled", **settings) < 0.2
 

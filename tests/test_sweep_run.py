@@ -24,7 +24,7 @@ def test_smoke_sweep_end_to_end(ray_cluster, tmp_path):
     # 6 grid trials + 2 BPR-MF search samples, the best of which is also the seed run.
     assert len(results) == 8 and results["in_table2"].sum() == 7
     assert {"test_hr@10", "test_hr@100", "test_ndcg@10", "test_ndcg@100", "best_epoch", "train_seconds",
-            "node_id", "device"} <= set(results.columns)
+            "node_id", "device", "precision"} <= set(results.columns)
     table = pd.read_csv(run_dir / "report" / "table2.csv")
     assert list(table["Model"]) == ["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+", "SASRec+ 10", "SASRec+ 30"]
     assert list(table.columns)[3:] == ["HR@10", "HR@100", "NDCG@10", "NDCG@100", "Training time (s)", "Best epoch"]

@@ -4,6 +4,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 
 def _run(*args, blocked=()):
@@ -22,6 +23,8 @@ def test_trial_writes_metrics_and_history(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["label"] == "SASRec+ 20" and metrics["config"]["negatives"] == 20
     assert metrics["config"]["max_len"] == 20 and set(metrics["test"]) >= {"hr@10", "ndcg@100", "mrr@10"}
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert metrics["precision"] == ("bf16" if native else "fp32") and f"cpu, {metrics['precision']})" in result.stdout
     history = pd.read_parquet(tmp_path / "history.parquet")
     assert list(history["epoch"]) == [1, 2] and "val_ndcg@10" in history
     assert not list(tmp_path.glob(".*.tmp"))

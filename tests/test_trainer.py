@@ -215,6 +215,17 @@ def test_the_fixed_shape_step_is_one_program_for_every_batch_of_a_bucket(model, 
     assert eager(first) != eager(second)  # trimmed to each batch's own lengths: the check can tell
 
 
+@pytest.mark.parametrize("bf16_units, amp, expected", [((), True, False), (("avx512_bf16",), True, True),
+                                                      (("amx_tile",), True, True), (("avx512_bf16",), False, False)])
+def test_cpu_autocast_only_where_the_cpu_has_bf16_and_amp_is_on(bf16_units, amp, expected, monkeypatch):
+    for unit in ("avx512_bf16", "amx_tile"):
+        monkeypatch.setattr(torch.cpu, f"_is_{unit}_supported", lambda unit=unit: unit in bf16_units)
+    cfg, _, _ = _setup(amp=amp)
+    with trainer.autocast_for(cfg, torch.device("cpu"))():
+        assert torch.is_autocast_enabled("cpu") == expected
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if expected else torch.float32)
+
+
 def test_cuda_graphs_on_the_cpu_is_one_line():
     with pytest.raises(UserError, match="cuda_graphs needs a CUDA device, and device is 'cpu'"):
         TrialConfig.from_dict(dict(dataset="synthetic-chains", loss="ce", device="cpu", cuda_graphs=True))
