@@ -1,7 +1,7 @@
 """Seconds per epoch (training + validation) against the paper's code and the targets.
 
     python benchmarks/speed.py [--device cuda] [--epochs 2 | --converge] [--steps 0] [--compile [MODE]] [--cuda-graphs]
-                               [--only beauty-sasrec+ ...]
+                               [--no-amp] [--only beauty-sasrec+ ...]
 
 Each row trains real epochs of the shared trainer on the real data with the paper's settings
 and reports the median epoch after the first (which pays for warm-up), with the test NDCG@10
@@ -122,10 +122,12 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="the model's forward through torch.compile (mode: default, reduce-overhead, ...)")
     parser.add_argument("--cuda-graphs", action="store_true", help="each step replayed as a CUDA graph (cuda_graphs)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 autocast where the device has native bf16 (--no-amp: fp32)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {card}, {'bf16 autocast' if native_bf16(device) else 'fp32'}\n")
+    print(f"device: {card}, {'bf16 autocast' if args.amp and native_bf16(device) else 'fp32'}\n")
     # The paper's-code figures were measured on an H100: a ratio means something only there.
     same_card = "H100" in card
     print("| run | train s | val s | s/epoch | paper's code (H100) | speed-up | target | test NDCG@10 (paper) | measured |")
@@ -133,7 +135,7 @@ def main() -> None:
     for name in args.only:
         settings, paper, target = ROWS[name]
         budget = {} if args.converge else dict(max_epochs=args.epochs, patience=args.epochs)
-        cfg = TrialConfig.from_dict(dict(settings, device=str(device), cuda_graphs=args.cuda_graphs, **budget)).resolved()
+        cfg = TrialConfig.from_dict(dict(settings, device=str(device), cuda_graphs=args.cuda_graphs, amp=args.amp, **budget)).resolved()
         train, val, ndcg, how = epoch_seconds(cfg, device, args.steps, args.compile)
         total = train + val
         ratio = f"{paper / total:.1f}x" if same_card else "- (other device)"
