@@ -25,7 +25,7 @@ from raysweep.models import build_model
 from raysweep.split import sequence_data
 from raysweep.train import load_split, resolve_device
 from raysweep.trainer import (autocast_for, epoch_batches, evaluate_split, fit, make_optimizer, make_step,
-                              native_bf16, train_steps, validation_users)
+                              precision, train_steps, validation_users)
 
 from reproduce import RUNS  # the paper's test figures of the gated rows (benchmarks/reproduce.py)
 
@@ -127,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {card}, {'bf16 autocast' if args.amp and native_bf16(device) else 'fp32'}\n")
+    print(f"device: {card}\n")
     # The paper's-code figures were measured on an H100: a ratio means something only there.
     same_card = "H100" in card
     print("| run | train s | val s | s/epoch | paper's code (H100) | speed-up | target | test NDCG@10 (paper) | measured |")
@@ -137,6 +137,7 @@ def main() -> None:
         budget = {} if args.converge else dict(max_epochs=args.epochs, patience=args.epochs)
         cfg = TrialConfig.from_dict(dict(settings, device=str(device), cuda_graphs=args.cuda_graphs, amp=args.amp, **budget)).resolved()
         train, val, ndcg, how = epoch_seconds(cfg, device, args.steps, args.compile)
+        how = f"{precision(cfg, device)}, {how}"
         total = train + val
         ratio = f"{paper / total:.1f}x" if same_card else "- (other device)"
         label = name + (f" (compiled, {args.compile})" if args.compile else "") + (" (CUDA graphs)" if args.cuda_graphs else "")

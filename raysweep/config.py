@@ -44,7 +44,7 @@ class TrialConfig:
     iterations: int = 100
     # Where and how it runs.
     device: str = "auto"  # auto: cuda when available
-    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (trainer.native_bf16)
+    amp: bool = True  # bf16 autocast where the device has native bf16 (trainer.native_bf16)
     # CUDA only: each full batch's step (forward, backward, Adam) replayed as one captured CUDA
     # graph, over fixed shapes (padding masked rather than trimmed). Off until measured on a card.
     cuda_graphs: bool = False

@@ -25,7 +25,7 @@ from raysweep.data import load_interactions
 from raysweep.errors import UserError, cli
 from raysweep.models import build_model
 from raysweep.split import SequenceData, Split, leave_one_out, sequence_data
-from raysweep.trainer import EpochReport, autocast_for, evaluate_split, fit, native_bf16
+from raysweep.trainer import EpochReport, autocast_for, evaluate_split, fit, precision
 
 Hook = Callable[[EpochReport, Callable[[], dict]], None]
 
@@ -82,7 +82,7 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
         outcome = {"val": {"ndcg@10": fitted.best_ndcg}, "test": test, "best_epoch": fitted.best_epoch,
                    "epochs": fitted.epochs, "train_seconds": fitted.seconds, "history": fitted.history,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "precision": "bf16" if cfg.amp and native_bf16(device) else "fp32"}
+                   "precision": precision(cfg, device)}
     return {
         "label": cfg.label, "config": cfg.to_dict(), **{k: v for k, v in outcome.items() if k != "history"},
         "seconds_per_epoch": outcome["train_seconds"] / max(outcome["epochs"], 1),

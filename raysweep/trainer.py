@@ -248,20 +248,27 @@ def make_optimizer(model: nn.Module, cfg: TrialConfig, device: torch.device) -> 
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 natively: CUDA, or an x86 CPU with AVX512-BF16 or AMX. On
-    such a CPU bf16 autocast makes a Beauty step 2.4x faster with full CE (300 -> 122 ms on one
-    thread), 2.8x with GRU4Rec, 1.8x with BERT4Rec, 1.1x with SASRec+ 3000 or BCE; any other CPU
-    would emulate bf16, slower than fp32."""
-    if device.type != "cpu":
-        return device.type == "cuda"
-    return any(getattr(torch.cpu, f"_is_{unit}_supported", lambda: False)() for unit in ("avx512_bf16", "amx_tile"))
+    """Whether `device` multiplies bf16 natively: a GPU from Ampere on (compute capability 8.0),
+    or an x86 CPU with AVX512-BF16 or AMX. Anything else would emulate bf16, slower than fp32.
+    On this project's 2-core CPU (AVX512-BF16) bf16 autocast trains a Beauty epoch 2.4x faster
+    with full CE, 2.6x with GRU4Rec, 1.75x with BERT4Rec, 1.2x with BCE, and no faster with
+    SASRec+ 3000 (benchmarks/speed.py --steps 20 with and without --no-amp, one thread)."""
+    if device.type == "cuda":
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+    cpu_units = ("avx512_bf16", "amx_tile")
+    return device.type == "cpu" and any(getattr(torch.cpu, f"_is_{u}_supported", lambda: False)() for u in cpu_units)
+
+
+def precision(cfg: TrialConfig, device: torch.device) -> str:
+    """"bf16" where the trial trains under bf16 autocast (`amp` on and `native_bf16`), else "fp32"."""
+    return "bf16" if cfg.amp and native_bf16(device) else "fp32"
 
 
 def autocast_for(cfg: TrialConfig, device: torch.device) -> Callable[[], ContextManager]:
-    """bf16 autocast (unless `amp` is off) where the device computes bf16 natively (`native_bf16`);
-    a no-op elsewhere. A captured graph must not keep autocast's cache of casted weights (it would
-    hold stale copies)."""
-    enabled = cfg.amp and native_bf16(device)
+    """bf16 autocast where `precision` says so; a no-op elsewhere. Scores for ranking stay fp32
+    (`sequence_scorer`). A captured graph must not keep autocast's cache of casted weights (it
+    would hold stale copies)."""
+    enabled = precision(cfg, device) == "bf16"
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=not cfg.cuda_graphs)
 
 
