@@ -3,7 +3,14 @@ from pathlib import Path
 
 import pytest
 
+from raysweep import losses
+
 NEEDS_RAY = "the sweep layer's tests need Ray (pip install -e '.[test]'); the core's run without it"
+# The variants that run PyTorch's own chunked CE (F.linear_cross_entropy with options), a code path
+# that PyTorch < 2.13 does not have (the GPU image's 2.11): there losses uses _ChunkedCE, which the
+# other variant of each test checks. CI's torch 2.13 runs both.
+NEEDS_TORCH_CE = pytest.mark.skipif(not losses.TORCH_CHUNKED_CE,
+                                    reason="this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
 
 # The local mirror of upstream: ../shared/data beside the checkout, or RAYSWEEP_MIRROR where the
 # checkout travels alone (the lent GPU machine: benchmarks/gpu_session.sh points it at .device/).

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import NEEDS_TORCH_CE
 from raysweep import losses
 
 
@@ -42,10 +43,8 @@ def test_ce_matches_loop():
         assert torch.allclose(a, b, atol=1e-12)
 
 
-@pytest.mark.parametrize("torch_chunked", [False, True], ids=["raysweep", "torch"])
+@pytest.mark.parametrize("torch_chunked", [False, pytest.param(True, marks=NEEDS_TORCH_CE)], ids=["raysweep", "torch"])
 def test_chunked_ce_equals_plain_in_fp32(torch_chunked, monkeypatch):
-    if torch_chunked and not losses.TORCH_CHUNKED_CE:
-        pytest.skip("this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
     monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", torch_chunked)
     g = torch.Generator().manual_seed(1)
     h = torch.randn(8, 50, 32, generator=g, requires_grad=True)
@@ -62,13 +61,12 @@ def test_chunked_ce_equals_plain_in_fp32(torch_chunked, monkeypatch):
         assert (a - b).abs().max() < 1e-6
 
 
+@NEEDS_TORCH_CE
 @pytest.mark.parametrize("masked", [False, True], ids=["ce", "masked_ce"])
 def test_pytorchs_chunked_ce_runs_in_the_autocast_dtype_like_raysweeps(masked, monkeypatch):
     """Under bf16 autocast both chunked CEs multiply in bf16, though the hidden states arrive in
     fp32 (the final LayerNorm's output): PyTorch's op is not an autocast op, so `losses` casts for
     it. Loss and gradients agree with raysweep's within bf16 rounding, and with fp32 within 2 %."""
-    if not losses.TORCH_CHUNKED_CE:
-        pytest.skip("this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
     g = torch.Generator().manual_seed(2)
     h = torch.randn(8, 50, 32, generator=g, requires_grad=True)
     w = (0.3 * torch.randn(3001, 32, generator=g)).requires_grad_()
@@ -218,11 +216,9 @@ def test_host_side_positions_match_the_label_mask():
 
 
 @pytest.mark.parametrize("loss", ["ce", "sampled_ce", "bce"])
-@pytest.mark.parametrize("torch_chunked", [False, True], ids=["raysweep", "torch"])
+@pytest.mark.parametrize("torch_chunked", [False, pytest.param(True, marks=NEEDS_TORCH_CE)], ids=["raysweep", "torch"])
 def test_masked_losses_over_a_padded_batch_equal_the_index_list_ones(loss, torch_chunked, monkeypatch):
     """The fixed-shape (CUDA graph) step's losses: padding masked out instead of left out."""
-    if torch_chunked and not losses.TORCH_CHUNKED_CE:
-        pytest.skip("this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
     monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", torch_chunked)
     h, w, labels = _inputs()
     g = torch.Generator().manual_seed(5)
