@@ -204,11 +204,11 @@ def masked_ce(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk
     h, targets = h.reshape(-1, h.shape[-1]), labels.reshape(-1) - 1  # padding -> -1, ignored
     if TORCH_CHUNKED_CE:
         h = _under_autocast(h)
-    candidates, chunk = _candidates(weight, h, chunk)
-    if TORCH_CHUNKED_CE:
+        candidates, chunk = _candidates(weight, h, chunk)
         total = _fp32(F.linear_cross_entropy(h, candidates, targets, ignore_index=-1, reduction="sum",
                                              options=_torch_options(chunk)))
         return total / (targets >= 0).sum().clamp(min=1)
+    candidates, chunk = _candidates(weight, h, chunk)
     return _ChunkedCE.apply(h, candidates, targets, chunk, True)
 
 
