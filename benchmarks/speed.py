@@ -45,22 +45,31 @@ VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slic
             "squeeze", "alias", "as_strided", "detach", "_reshape_alias", "split", "unbind"}
 
 
+def dispatched(run) -> list[tuple[str, object]]:
+    """The ops `run()` dispatches (backward included), each with its arguments: tensors as
+    (shape, dtype), anything else as it is. (The tests read it too: which ops would wait for a
+    GPU, and whether two batches of a bucket make the same program.)"""
+    from torch.utils._pytree import tree_map
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            described = tree_map(lambda a: (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a, args)
+            calls.append((func.overloadpacket.__name__, described))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        run()
+    return calls
+
+
 def kernel_ops(run) -> int:
     """How many ops that compute (views left out) `run()` dispatches on its device. On a GPU about
     the kernels an eager step launches, which bound its speed when the tensors are small
     (ANCHORS.md); on the CPU Adam adds a loop of ops per parameter where a GPU runs one fused kernel."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.total += func.overloadpacket.__name__ not in VIEW_OPS
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        run()
-    return Count.total
+    return sum(name not in VIEW_OPS for name, _ in dispatched(run))
 
 
 def epoch_seconds(cfg: TrialConfig, device: torch.device, steps: int,

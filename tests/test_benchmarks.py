@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,25 +82,16 @@ def test_one_card_stopped_ends_its_trials_and_reports_the_finished_ones(tmp_path
 
 
 def test_packing_picks_the_fewest_trials_near_the_best_rate():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("packing", ROOT / "benchmarks" / "packing.py")
-    packing = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(packing)
+    packing = load_benchmark("packing")
     assert packing.packing_choice({1: 1.0, 2: 1.53, 4: 1.40}) == 2  # this CPU's figures: past 2, slower
     assert packing.packing_choice({1: 1.0, 2: 1.9, 4: 3.5, 8: 3.6}) == 4  # 8 gains under 5 %
     assert packing.packing_choice({1: 1.0, 2: 1.9, 4: 3.0, 8: 3.6}) == 8
 
 
-def test_speed_counts_the_ops_that_compute_and_leaves_out_views(monkeypatch):
-    import importlib.util
-
+def test_speed_counts_the_ops_that_compute_and_leaves_out_views():
     import torch
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # speed.py imports its sibling reproduce.py
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = load_benchmark("speed")
     a = torch.ones(4, 3, requires_grad=True)
     assert speed.kernel_ops(lambda: (a + 1).view(3, 4).t() * 2) == 2  # add, mul; view and t are views
     # Backward ops count too: add, mul, sum, then the seed gradient (ones_like) and mul's (mul);

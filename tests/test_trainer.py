@@ -4,13 +4,16 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import NEEDS_TORCH_CE
+from conftest import NEEDS_TORCH_CE, load_benchmark
 from raysweep import trainer
 from raysweep.config import TrialConfig
 from raysweep.data import load_interactions
 from raysweep.errors import UserError
 from raysweep.models import build_model
 from raysweep.split import leave_one_out, sequence_data
+
+
+dispatched = load_benchmark("speed").dispatched  # every op a run dispatches, with its argument shapes
 
 
 def _setup(**settings):
@@ -125,29 +128,10 @@ SYNCING_OPS = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", 
 INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
-def _dispatched(run) -> list[tuple[str, object]]:
-    """The ops `run()` dispatches (backward included), each with its arguments: tensors as
-    (shape, dtype), anything else as it is."""
-    from torch.utils._pytree import tree_map
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    calls = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            described = tree_map(lambda a: (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a, args)
-            calls.append((func.overloadpacket.__name__, described))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        run()
-    return calls
-
-
 def _syncing_ops(run) -> list[str]:
     """The ops of `run()` that would wait for a GPU."""
     found = []
-    for name, args in _dispatched(run):
+    for name, args in dispatched(run):
         masks = name in INDEXING_OPS and any(i is not None and i[1] == torch.bool for i in args[1])
         if name in SYNCING_OPS or masks:
             found.append(name + (" (boolean mask)" if masks else ""))
@@ -203,12 +187,12 @@ def test_the_fixed_shape_step_is_one_program_for_every_batch_of_a_bucket(model, 
 
     def fixed(batch):
         net.zero_grad(set_to_none=True)  # (else the second backward accumulates: other ops)
-        return _dispatched(lambda: _fixed_loss(net, cfg, data, batch, generator, np.random.default_rng(0)).backward())
+        return dispatched(lambda: _fixed_loss(net, cfg, data, batch, generator, np.random.default_rng(0)).backward())
 
     def eager(batch):
         net.zero_grad(set_to_none=True)
         lengths = data.train_lengths_host[batch]
-        return _dispatched(lambda: trainer.batch_loss(net, cfg, data, torch.as_tensor(batch), lengths, generator,
+        return dispatched(lambda: trainer.batch_loss(net, cfg, data, torch.as_tensor(batch), lengths, generator,
                                                       np.random.default_rng(0)).backward())
 
     assert fixed(first) == fixed(second)
