@@ -14,19 +14,48 @@ NEEDS_RAY = "the sweep layer's tests need Ray (pip install -e '.[test]'); the co
 NEEDS_TORCH_CE = pytest.mark.skipif(not losses.TORCH_CHUNKED_CE,
                                     reason="this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
 
-# The local mirror of upstream: ../shared/data beside the checkout, or RAYSWEEP_MIRROR where the
-# checkout travels alone (the lent GPU machine: benchmarks/gpu_session.sh points it at .device/).
-MIRROR = Path(os.environ.get("RAYSWEEP_MIRROR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mirror() -> Path | None:
+    """A local mirror of the upstream data files: RAYSWEEP_MIRROR, else a `shared/data` folder
+    beside the checkout (this project's CI keeps one there), else the user's own raysweep data
+    cache if it already holds ML-1M (`python -m raysweep.data fetch ml-1m` puts it there)."""
+    from raysweep.data import default_data_dir
+
+    if os.environ.get("RAYSWEEP_MIRROR"):
+        return Path(os.environ["RAYSWEEP_MIRROR"])
+    for folder in (ROOT.parent / "shared" / "data", default_data_dir()):
+        if any((folder / "ml-1m" / name).is_file() for name in ("ml-1m.txt", "ml-1m.txt.gz")):
+            return folder
+    return None
 
 
 @pytest.fixture(scope="session", autouse=True)
 def data_env(tmp_path_factory):
-    """One data cache for the whole session, and the local mirror of upstream (../shared/data)."""
-    assert MIRROR.is_dir(), f"the local data mirror {MIRROR} is missing (tests need ML-1M from it)"
+    """One fresh data cache for the whole session, and the local mirror where there is one."""
+    mirror = _mirror()
     os.environ["RAYSWEEP_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
-    os.environ["RAYSWEEP_MIRROR"] = str(MIRROR)
+    if mirror is None:
+        os.environ.pop("RAYSWEEP_MIRROR", None)
+    else:
+        os.environ["RAYSWEEP_MIRROR"] = str(mirror)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     yield
+
+
+@pytest.fixture(scope="session")
+def ml1m(data_env):
+    """ML-1M, for the few tests that need it (MovieLens may not be redistributed, so it does not
+    ship): from the mirror, else through raysweep's own verified download; else the test skips."""
+    from raysweep.data import load_interactions
+    from raysweep.errors import UserError
+
+    try:
+        return load_interactions("ml-1m")
+    except UserError as exc:
+        pytest.skip(f"ML-1M is not available ({exc}): set RAYSWEEP_MIRROR to a folder holding ml-1m.txt(.gz), "
+                    "or run the tests with internet access")
 
 
 def pytest_collection_modifyitems(config, items):
