@@ -11,7 +11,8 @@ run-directory layout, so the same results.parquet, Table 2 and Figure 1 come out
 (`python -m raysweep.report OUT`), and a rerun skips the trials already recorded. Prints the
 grid's wall-clock, the figure the speed issue gates ("ML-1M + Beauty Table 2 in <= 10
 minutes on one card"). BPR-MF needs `implicit`; without it its rows are reported as skipped.
-Entries with an Optuna search need the sweep driver (`python -m raysweep.run`).
+An entry with an Optuna search runs at its base settings (searching needs the sweep driver,
+`python -m raysweep.run`).
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ from pathlib import Path
 import pandas as pd
 
 from raysweep.config import TrialConfig, trial_key
-from raysweep.errors import UserError, cli
+from raysweep.errors import cli
 from raysweep.results import failed_record, finished_record, read_record, write_record, write_results
-from raysweep.sweep import expand, load_spec
+from raysweep.sweep import entry_datasets, entry_seeds, entry_trials, expand, load_spec, stage_name
 
 
 def trials(sweep: Path, datasets: list[str] | None, device: str, max_epochs: int | None,
@@ -42,13 +43,19 @@ def trials(sweep: Path, datasets: list[str] | None, device: str, max_epochs: int
     spec = load_spec(sweep)
     if datasets:
         spec = spec.model_copy(update={"datasets": datasets})
-    grid = expand(spec, str(sweep))
-    searched = sorted({t.stage for t in grid if t.stage != "seeds"})
-    if searched:
-        raise UserError(f"{sweep}: {searched[0]} is an Optuna search; run this sweep with python -m raysweep.run")
+    grid = [t.config for t in expand(spec, str(sweep)) if t.stage == "seeds"]
+    # An Optuna search needs Tune (python -m raysweep.run); here a searched entry runs at the
+    # settings its search starts from, with its seeds.
+    for i, entry in enumerate(spec.models):
+        if entry.search is not None:
+            for dataset in entry_datasets(spec, i):
+                print(f"[one_card] {stage_name(dataset, i)}: no Optuna search without Ray; {entry.model} runs at its "
+                      "base settings", flush=True)
+                for seed in entry_seeds(spec, i):
+                    grid += entry_trials(spec, i, dataset, seed, str(sweep))
     configs = []
-    for t in grid:
-        cfg = dataclasses.replace(t.config, device=device)
+    for cfg in grid:
+        cfg = dataclasses.replace(cfg, device=device)
         if max_epochs is not None and cfg.model != "bpr":
             cfg = dataclasses.replace(cfg, max_epochs=max_epochs)
         if cuda_graphs and cfg.model != "bpr":
@@ -69,17 +76,18 @@ def command(cfg: TrialConfig, out: Path) -> list[str]:
 
 
 def record(cfg: TrialConfig, out: Path, started: float, returncode: int, log: Path,
-           resources: dict) -> tuple[dict, list | None]:
+           resources: dict) -> tuple[dict, list | None, object]:
     """The trial's record as a sweep writes it (`status` failed with the log's tail when it failed)."""
     context = dict(searched={}, node_id=None, host=platform.node(), started_at=started, finished_at=time.time(),
                    resources=resources)
     if returncode == 0:
         metrics = json.loads((out / "metrics.json").read_text())
         history = pd.read_parquet(out / "history.parquet").to_dict("records")
-        return finished_record(metrics, trial_key(cfg), "seeds", **context), history
+        ranks = pd.read_parquet(out / "ranks.parquet")["rank"].to_numpy()
+        return finished_record(metrics, trial_key(cfg), "seeds", **context), history, ranks
     tail = log.read_text(errors="replace").strip().splitlines()[-20:]
     error = "\n".join(tail) or f"exit status {returncode}"
-    return failed_record(cfg, trial_key(cfg), "seeds", error, **context), None
+    return failed_record(cfg, trial_key(cfg), "seeds", error, **context), None, None
 
 
 def run_all(todo: list[TrialConfig], running: dict, run_dir: Path, env: dict, concurrent: int, threads: int,
@@ -101,9 +109,9 @@ def run_all(todo: list[TrialConfig], running: dict, run_dir: Path, env: dict, co
         time.sleep(0.2)
         for process in [p for p in running if p.poll() is not None]:
             cfg, work, began, log = running.pop(process)
-            rec, history = record(cfg, work, began, process.returncode, log,
-                                  dict(concurrent=concurrent, cpu_threads=threads))
-            write_record(run_dir, rec["key"], rec, history)
+            rec, history, ranks = record(cfg, work, began, process.returncode, log,
+                                         dict(concurrent=concurrent, cpu_threads=threads))
+            write_record(run_dir, rec["key"], rec, history, ranks)
             write_results(run_dir)
             if rec["status"] == "ok":
                 test = rec["test"]

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from raysweep.config import TrialConfig
-from raysweep.errors import UserError
-from raysweep.metrics import evaluate
+from raysweep.errors import Diverged, UserError
+from raysweep.metrics import mean_metrics, rank_users
 from raysweep.split import Split
 from raysweep.trainer import validation_users
 
@@ -47,16 +47,19 @@ def _fit(cfg: TrialConfig, user_items, use_gpu: bool):
     model.fit(user_items, show_progress=False)
     if use_gpu:
         model = model.to_cpu()
-    return torch.as_tensor(model.user_factors), torch.as_tensor(model.item_factors)
+    users, items = torch.as_tensor(model.user_factors), torch.as_tensor(model.item_factors)
+    if not (torch.isfinite(users).all() and torch.isfinite(items).all()):
+        raise Diverged(cfg.iterations, float("nan"))  # (implicit reports no loss; its factors tell)
+    return users, items
 
 
-def _metrics(split: Split, users: torch.Tensor, factors, stage: str) -> dict[str, float]:
+def _ranks(split: Split, users: torch.Tensor, factors, stage: str) -> torch.Tensor:
     user_f, item_f = factors
     ends = torch.as_tensor(split.offsets[1:])
     back = 2 if stage == "val" else 1
-    return evaluate(lambda u: user_f[u].float() @ item_f.float().T, users,
-                    torch.as_tensor(split.items)[ends - back], torch.as_tensor(split.items),
-                    torch.as_tensor(split.offsets[:-1]), torch.as_tensor(np.diff(split.offsets) - back))
+    return rank_users(lambda u: user_f[u].float() @ item_f.float().T, users,
+                      torch.as_tensor(split.items)[ends - back], torch.as_tensor(split.items),
+                      torch.as_tensor(split.offsets[:-1]), torch.as_tensor(np.diff(split.offsets) - back))
 
 
 def run_bpr(cfg: TrialConfig, split: Split) -> dict:
@@ -68,11 +71,12 @@ def run_bpr(cfg: TrialConfig, split: Split) -> dict:
 
     use_gpu = bool(implicit.gpu.HAS_CUDA) and cfg.device != "cpu"
     started = time.perf_counter()
-    val = _metrics(split, validation_users(split.num_users, cfg.val_users, cfg.seed, torch.device("cpu")),
-                   _fit(cfg, _user_items(split, 2), use_gpu), "val")
-    test = _metrics(split, torch.arange(split.num_users), _fit(cfg, _user_items(split, 1), use_gpu), "test")
+    val = mean_metrics(_ranks(split, validation_users(split.num_users, cfg.val_users, cfg.seed, torch.device("cpu")),
+                              _fit(cfg, _user_items(split, 2), use_gpu), "val"))
+    ranks = _ranks(split, torch.arange(split.num_users), _fit(cfg, _user_items(split, 1), use_gpu), "test")
     seconds = time.perf_counter() - started
     history = [{"epoch": cfg.iterations, "loss": float("nan"), "train_seconds": seconds, "val_seconds": 0.0,
                 **{f"val_{k}": v for k, v in val.items()}}]
-    return {"val": val, "test": test, "best_epoch": cfg.iterations, "epochs": cfg.iterations,
-            "train_seconds": seconds, "history": history, "device": "cuda" if use_gpu else "cpu", "precision": "fp32"}
+    return {"val": val, "test": mean_metrics(ranks), "ranks": ranks.numpy(), "best_epoch": cfg.iterations,
+            "epochs": cfg.iterations, "train_seconds": seconds, "history": history,
+            "device": "cuda" if use_gpu else "cpu", "precision": "fp32"}

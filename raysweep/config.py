@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from raysweep.errors import UserError
@@ -102,10 +105,14 @@ class TrialConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{where}: {name} must be >= 1, got {value}")
+        for name in ("lr", "bpr_lr", "regularization", "dropout"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"{where}: {name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0 or self.bpr_lr <= 0 or self.regularization < 0:
-            raise UserError(f"{where}: learning rates must be > 0 and regularization >= 0")
+            raise UserError(f"{where}: learning rates must be > 0 and regularization >= 0, got lr={self.lr}, "
+                            f"bpr_lr={self.bpr_lr}, regularization={self.regularization}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise UserError(f"{where}: device must be auto, cpu or cuda[:i], got {self.device!r}")
         if self.cuda_graphs and self.device == "cpu":
@@ -151,10 +158,26 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
     raise UserError(f"{where}: setting {key!r} must be {' or '.join(parts)}, got {value!r}")
 
 
+# How a trial runs, not what it computes: left out of its key.
+HOW = ("device", "cuda_graphs", "data_dir", "mirror", "extra")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrialConfig) if f.default is not dataclasses.MISSING}
+
+
+def dataset_tag(name: str) -> str:
+    """A dataset's name as one plain path component: registry names as they are, a file path as
+    its file name plus a hash of the full path (so `../x.txt` never becomes a folder `..`)."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) and not name.endswith((".txt", ".txt.gz")):
+        return name
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).name.removesuffix(".gz").removesuffix(".txt")).lstrip(".")
+    return f"{stem or 'data'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
 def trial_key(cfg: TrialConfig) -> str:
-    """`<dataset>-<model>-<loss>[-N]-s<seed>-<hash>`: readable, and unique per settings."""
-    identity = {k: v for k, v in cfg.to_dict().items()
-                if k not in ("device", "cuda_graphs", "data_dir", "mirror", "extra")}  # how, not what, it runs
+    """`<dataset>-<model>-<loss>[-N]-s<seed>-<hash>`: readable, and unique per settings. The hash
+    covers the settings that differ from their defaults, so a setting added later (at a default
+    that keeps today's behaviour) leaves earlier keys as they are."""
+    identity = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if f.name not in HOW and DEFAULTS.get(f.name, dataclasses.MISSING) != getattr(cfg, f.name)}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    parts = [cfg.dataset.replace("/", "_"), cfg.model, cfg.loss or "", str(cfg.negatives or ""), f"s{cfg.seed}", digest]
+    parts = [dataset_tag(cfg.dataset), cfg.model, cfg.loss or "", str(cfg.negatives or ""), f"s{cfg.seed}", digest]
     return "-".join(p for p in parts if p)

@@ -92,6 +92,8 @@ def get_dataset(name: str) -> Dataset:
     """A registry entry, or a user's own `.txt` / `.txt.gz` sequence file given by path."""
     if name.endswith((".txt", ".txt.gz")):
         path = Path(name)
+        if path.is_dir():
+            raise UserError(f"{name}: is a folder, not a data file")
         if not path.is_file():
             raise UserError(f"{name}: no such data file")
         return Dataset(name=name, filename=path.name, git_blob=None, max_len=50, path=path)
@@ -208,6 +210,10 @@ def _first_bad_line(text: bytes, where: str) -> UserError:
     return UserError(f"{where}: could not be parsed as 'user_id item_id' lines")
 
 
+# The largest item id may exceed the number of distinct items this many times (ids with gaps).
+MAX_ID_SPREAD = 10
+
+
 def parse_interactions(text: bytes, where: str) -> pd.DataFrame:
     """Parse and validate a sequence file's text into (user_id, item_id) int64 columns."""
     if not text.strip():
@@ -225,6 +231,11 @@ def parse_interactions(text: bytes, where: str) -> pd.DataFrame:
     if len(bad):
         raise UserError(f"{where}, line {bad[0] + 1}: ids must be positive (1-based), got "
                         f"{frame.iloc[bad[0]].tolist()}")
+    items = frame["item_id"].to_numpy()
+    distinct = len(np.unique(items))
+    if items.max() > MAX_ID_SPREAD * distinct + 1000:
+        raise UserError(f"{where}: item ids run up to {items.max():,} for {distinct:,} distinct items; ids must be "
+                        "1-based and nearly contiguous (renumber them 1..n): the model holds a row per id")
     users = frame["user_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     if len(starts) != len(np.unique(users)):
@@ -245,7 +256,10 @@ def load_interactions(name: str, data_dir: Path | None = None, mirror: Path | No
     if ds.path is not None:
         return parse_interactions(_plain_bytes(ds.path), str(ds.path))
     if cache.is_file():
-        return pd.read_parquet(cache)
+        try:
+            return pd.read_parquet(cache)
+        except (OSError, ValueError) as exc:  # a damaged cache is rebuilt from its verified source
+            print(f"raysweep: {cache}: unreadable cache ({str(exc).splitlines()[0]}); rebuilding it", file=sys.stderr)
     text, source = _raw_text(ds, data_dir, mirror)
     frame = parse_interactions(text, source)
     atomic_write(cache, lambda tmp: frame.to_parquet(tmp, index=False))

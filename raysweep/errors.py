@@ -10,6 +10,15 @@ class UserError(Exception):
     """A problem with the user's input (data file, sweep file, settings), not a bug."""
 
 
+class Diverged(UserError):
+    """The training loss turned NaN or infinite: the trial's settings (a learning rate too
+    large, say) cannot train this model. The trial stops and is recorded as failed."""
+
+    def __init__(self, epoch: int, loss: float):
+        super().__init__(f"diverged at epoch {epoch}: the training loss is {loss}")
+        self.epoch = epoch
+
+
 def cli(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a command-line entry point so that a UserError prints one line and exits 2."""
 

@@ -3,13 +3,16 @@
 The target's rank is the number of candidates scoring strictly higher plus the number tied
 with it (ties count against the target). Item 0 (padding) and every item of the user's
 history before the target are removed from the ranking; a target that occurs in that
-history is therefore a miss, as in the paper's code. Scores are fp32 and whole chunks of
-users are ranked with one masked matrix product each: no per-user Python loop.
+history is therefore a miss, as in the paper's code, and so is a target whose model scores
+NaN or infinity (a diverged model never looks perfect). Scores are fp32 and whole chunks of
+users are ranked with one masked matrix product each: no per-user Python loop. The ranks
+themselves are kept (`rank_users`), so every metric at any k can be recomputed from them.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 KS = (10, 100)
@@ -27,47 +30,60 @@ def seen_mask_indices(items: torch.Tensor, starts: torch.Tensor, lengths: torch.
 
 def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen_rows: torch.Tensor,
                  seen_items: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target among the unseen items (len(scores[0]) when it is a miss)."""
+    """0-based rank of each target among the unseen items; a miss (the target seen before, or a
+    row with a NaN score or a target scored +-inf) gets len(scores[0]), the catalogue's size."""
     scores = scores.float().clone()
     rows = torch.arange(len(targets), device=scores.device)
     target_seen = torch.zeros(len(targets), dtype=torch.bool, device=scores.device)
     target_seen[seen_rows[seen_items == targets[seen_rows]]] = True
     target_score = scores[rows, targets].clone()
+    # NaN compares false with everything, which would rank the target first.
+    broken = torch.isnan(scores).any(1) | ~torch.isfinite(target_score)
     scores[seen_rows, seen_items] = float("-inf")
     scores[:, 0] = float("-inf")
     # Higher plus tied, in one pass; the target ties with itself.
     rank = (scores >= target_score[:, None]).sum(1) - 1
-    return torch.where(target_seen, torch.full_like(rank, scores.shape[1]), rank)
+    return torch.where(target_seen | broken, torch.full_like(rank, scores.shape[1]), rank)
 
 
 def metrics_from_ranks(rank: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-user metric values (still on the device) from 0-based ranks."""
+    """Per-user metric values from 0-based ranks."""
     out = {}
     for k in KS:
         hit = rank < k
-        out[f"hr@{k}"] = hit.float()
-        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), 0.0)
-        out[f"mrr@{k}"] = torch.where(hit, 1.0 / (rank.float() + 1.0), 0.0)
+        out[f"hr@{k}"] = hit.double()
+        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), 0.0)
+        out[f"mrr@{k}"] = torch.where(hit, 1.0 / (rank.double() + 1.0), 0.0)
     return out
 
 
+def mean_metrics(rank: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """HR, NDCG and MRR at 10 and 100, averaged over users (float64), from their ranks."""
+    rank = rank if torch.is_tensor(rank) else torch.from_numpy(np.array(rank, dtype=np.int64))
+    return {name: float(values.mean()) for name, values in metrics_from_ranks(rank).items()}
+
+
 # Users ranked at once. On a GPU many, for few kernel launches; on the CPU few, so that a
-# chunk's [chunk, items] scores stay in the cache through the masking and counting passes
-# (and under the size glibc maps afresh, page-faulting, for every chunk). A validation pass on
-# one thread, chunk 1024 -> 32: Beauty (10,000 users) 6.35 -> 2.34 s, ML-1M (6,040) 8.60 -> 3.48 s.
+# chunk's [chunk, items] scores stay in the cache through the masking and counting passes.
 CHUNK_USERS = {"cuda": 1024, "cpu": 32}
+
+
+def rank_users(score: Callable[[torch.Tensor], torch.Tensor], users: torch.Tensor, targets: torch.Tensor,
+               items: torch.Tensor, starts: torch.Tensor, seen_lengths: torch.Tensor,
+               chunk: int | None = None) -> torch.Tensor:
+    """Each user's target rank (int32, on the CPU); score(user_chunk) returns fp32 scores
+    [chunk, num_items + 1]."""
+    chunk = chunk or CHUNK_USERS.get(users.device.type, 1024)
+    ranks = []
+    for begin in range(0, len(users), chunk):
+        u = users[begin : begin + chunk]
+        rows, seen = seen_mask_indices(items, starts[u], seen_lengths[u])
+        ranks.append(rank_targets(score(u), targets[u], rows, seen).to(torch.int32))
+    return torch.cat(ranks).cpu() if ranks else torch.zeros(0, dtype=torch.int32)
 
 
 def evaluate(score: Callable[[torch.Tensor], torch.Tensor], users: torch.Tensor, targets: torch.Tensor,
              items: torch.Tensor, starts: torch.Tensor, seen_lengths: torch.Tensor,
              chunk: int | None = None) -> dict[str, float]:
-    """Mean metrics over `users`; score(user_chunk) returns fp32 scores [chunk, num_items + 1]."""
-    chunk = chunk or CHUNK_USERS.get(users.device.type, 1024)
-    sums = {name: torch.zeros((), device=users.device) for name in METRICS}
-    for begin in range(0, len(users), chunk):
-        u = users[begin : begin + chunk]
-        rows, seen = seen_mask_indices(items, starts[u], seen_lengths[u])
-        rank = rank_targets(score(u), targets[u], rows, seen)
-        for name, value in metrics_from_ranks(rank).items():
-            sums[name] += value.sum()
-    return {name: float(total) / len(users) for name, total in sums.items()}
+    """Mean metrics over `users` (see `rank_users`)."""
+    return mean_metrics(rank_users(score, users, targets, items, starts, seen_lengths, chunk))

@@ -11,6 +11,7 @@ failed trials are listed under it.
 from __future__ import annotations
 
 import argparse
+import io
 import re
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import pandas as pd
 
 from raysweep.atomic import atomic_write
 from raysweep.errors import UserError, cli
-from raysweep.results import read_results
+from raysweep.results import missing_trials, read_plan, read_results
 
 PAPER_ORDER = ["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+"]
 COLUMNS = {"test_hr@10": "HR@10", "test_hr@100": "HR@100", "test_ndcg@10": "NDCG@10",
@@ -43,7 +44,7 @@ def _cell(values: pd.Series, digits: int) -> str:
 
 def table2(results: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset x model: the metrics' mean (± std over seeds)."""
-    ok = results[(results["status"] == "ok") & results["in_table2"]]
+    ok = _table2_rows(results)
     rows = []
     for (dataset, label), group in ok.groupby(["dataset", "label"], sort=False):
         row = {"Dataset": dataset, "Model": label, "Seeds": len(group)}
@@ -58,8 +59,13 @@ def table2(results: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["Dataset", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
-def table2_markdown(table: pd.DataFrame, failed: pd.DataFrame) -> str:
+def table2_markdown(table: pd.DataFrame, failed: pd.DataFrame, missing: list[str]) -> str:
     parts = ["# Table 2: test metrics (full ranking, seen items removed)\n"]
+    if missing:
+        parts.append(f"\n**The sweep is incomplete: {len(missing)} planned trial(s) or search(es) have no result "
+                     "yet** (`python -m raysweep.run SWEEP --resume` finishes them); see the end of this page.\n")
+    if table.empty:
+        parts.append("\nNo trial has finished yet.\n")
     for dataset, group in table.groupby("Dataset", sort=False):
         parts.append(f"\n## {dataset}\n")
         columns = [c for c in group.columns if c != "Dataset"]
@@ -70,14 +76,20 @@ def table2_markdown(table: pd.DataFrame, failed: pd.DataFrame) -> str:
     if len(failed):
         parts.append("\n## Failed trials\n")
         for _, row in failed.iterrows():
-            parts.append(f"- {row['dataset']} {row['label']} seed {row['seed']}: {row.get('error') or 'failed'}")
+            parts.append(f"- {row['dataset']} {row['label']} seed {row['seed']} ({row['stages']}): "
+                         f"{row.get('error') or 'failed'}")
+    if missing:
+        parts.append("\n## Missing trials\n")
+        parts.extend(f"- {line}" for line in missing)
     return "\n".join(parts) + "\n"
 
 
-def _save_figure(plt, fig, title: str, path: Path) -> None:
+def _figure_png(plt, fig, title: str) -> bytes:
     fig.suptitle(title)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def _panels(datasets: list[str]):
@@ -91,12 +103,12 @@ def _panels(datasets: list[str]):
     return plt, fig, zip(axes[0], datasets)
 
 
-def figure2(results: pd.DataFrame, path: Path) -> bool:
-    """Test NDCG@10 against N (log axis), one panel per dataset; False if no SASRec+ N trials."""
-    ok = results[(results["status"] == "ok") & results["in_table2"]]
+def figure2(results: pd.DataFrame) -> bytes | None:
+    """Test NDCG@10 against N (log axis), one panel per dataset; None if no SASRec+ N trials."""
+    ok = _table2_rows(results)
     sampled = ok[(ok["loss"] == "sampled_ce") & (ok["model"] == "sasrec")]
     if sampled.empty:
-        return False
+        return None
     plt, fig, panels = _panels(list(dict.fromkeys(sampled["dataset"])))
     for ax, dataset in panels:
         curve = sampled[sampled["dataset"] == dataset].groupby("negatives")["test_ndcg@10"].agg(["mean", "std"])
@@ -108,42 +120,57 @@ def figure2(results: pd.DataFrame, path: Path) -> bool:
                 ax.axhline(ref.mean(), linestyle=style, color="gray" if label != "SASRec+" else "black", label=label)
         ax.set(xscale="log", xlabel="negatives N", ylabel="test NDCG@10", title=dataset)
         ax.legend(fontsize=8)
-    _save_figure(plt, fig, "Figure 2: NDCG@10 against the number of negatives", path)
-    return True
+    return _figure_png(plt, fig, "Figure 2: NDCG@10 against the number of negatives")
 
 
-def figure1(results: pd.DataFrame, run_dir: Path, path: Path) -> bool:
+def _history(run_dir: Path, key: str) -> pd.DataFrame:
+    path = Path(run_dir) / "trials" / key / "history.parquet"
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable training history ({str(exc).splitlines()[0]}); nothing was "
+                        "rewritten") from None
+
+
+def figure1(results: pd.DataFrame, run_dir: Path) -> bytes | None:
     """Validation NDCG@10 by epoch per model (first seed), one panel per dataset."""
-    ok = results[(results["status"] == "ok") & results["in_table2"] & (results["model"] != "bpr")]
+    ok = _table2_rows(results)
+    ok = ok[ok["model"] != "bpr"]
     if ok.empty:
-        return False
+        return None
     plt, fig, panels = _panels(list(dict.fromkeys(ok["dataset"])))
     for ax, dataset in panels:
         rows = ok[ok["dataset"] == dataset].sort_values("seed").drop_duplicates("label")
         for _, row in sorted(rows.iterrows(), key=lambda r: _order(r[1]["label"])):
-            history = pd.read_parquet(Path(run_dir) / "trials" / row["key"] / "history.parquet")
+            history = _history(run_dir, row["key"])
             ax.plot(history["epoch"], history["val_ndcg@10"], label=row["label"])
         ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=dataset)
         ax.legend(fontsize=8)
-    _save_figure(plt, fig, "Figure 1: validation NDCG@10 by epoch", path)
-    return True
+    return _figure_png(plt, fig, "Figure 1: validation NDCG@10 by epoch")
+
+
+def _table2_rows(results: pd.DataFrame) -> pd.DataFrame:
+    if results.empty:
+        return results
+    return results[(results["status"] == "ok") & results["in_table2"]]
 
 
 def write_report(run_dir: Path) -> list[Path]:
+    """Every part of the report is built first; only then are the files replaced (each by rename)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "results.parquet").is_file():
-        raise UserError(f"{run_dir}: no results.parquet here (is it a raysweep run directory?)")
     results = read_results(run_dir)
+    missing = missing_trials(read_plan(run_dir), results)
     out = run_dir / "report"
     table = table2(results)
-    failed = results[results["status"] != "ok"]
-    written = [out / "table2.md", out / "table2.csv"]
-    atomic_write(written[0], lambda tmp: tmp.write_text(table2_markdown(table, failed)))
-    atomic_write(written[1], lambda tmp: table.to_csv(tmp, index=False))
-    if figure2(results, out / "figure2.png"):
-        written.append(out / "figure2.png")
-    if figure1(results, run_dir, out / "figure1.png"):
-        written.append(out / "figure1.png")
+    failed = results[results["status"] != "ok"] if len(results) else results
+    parts = {"table2.md": table2_markdown(table, failed, missing).encode(),
+             "table2.csv": table.to_csv(index=False).encode(),
+             "figure2.png": figure2(results), "figure1.png": figure1(results, run_dir)}
+    written = []
+    for name, content in parts.items():
+        if content is not None:
+            atomic_write(out / name, lambda tmp, content=content: tmp.write_bytes(content))
+            written.append(out / name)
     return written
 
 

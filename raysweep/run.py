@@ -5,34 +5,51 @@ each its own Tuner under the run directory: one Optuna search stage per searched
 model entry, then the seeds stage (every grid trial, searched entries at their best
 setting). Without an address it starts a local single-node Ray (every CPU and GPU here,
 the dashboard on 127.0.0.1); with `--address auto` / RAY_ADDRESS it joins a cluster.
+
+Ctrl-C (SIGINT) or SIGTERM stops the running stage as Tune stops (trials checkpointed, the
+experiment state saved), writes what finished, says the sweep is incomplete and how to resume
+it, and exits 130 (SIGINT) or 143 (SIGTERM). A sweep with failed trials exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
+import logging
 import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-from raysweep.errors import UserError, cli
+from raysweep.atomic import atomic_write
 from raysweep.config import trial_key
-from raysweep.sweep import SweepSpec, Trial, entry_trials, expand, load_spec
-from raysweep.train import check_negatives, load_split
+from raysweep.errors import UserError, cli
 from raysweep.split import sequence_data
+from raysweep.sweep import SweepSpec, Trial, entry_datasets, entry_seeds, entry_trials, expand, load_spec, stage_name
+from raysweep.train import check_fits, check_negatives, load_split, resolve_device
 
 
-def check_trials(trials: list[Trial], where: str) -> None:
-    """Load each dataset once (verifies and caches it) and check N against its negative pool."""
-    datasets: dict[str, Any] = {}
+def check_trials(trials: list[Trial], where: str, local: bool) -> None:
+    """Load each dataset once (verifies and caches it); check that every trial has something to
+    learn, fits its device (in local mode, where the trials run on this machine) and can draw its
+    N negatives from the pool."""
+    splits: dict[str, Any] = {}
+    datasets: dict[tuple[str, int], Any] = {}
     for trial in trials:
         cfg = trial.config
-        if cfg.model == "bpr":
-            continue
-        if (cfg.dataset, cfg.max_len) not in datasets:
-            datasets[cfg.dataset, cfg.max_len] = sequence_data(load_split(cfg), cfg.max_len)
         try:
+            if cfg.dataset not in splits:
+                splits[cfg.dataset] = load_split(cfg)
+            check_fits(cfg, splits[cfg.dataset], resolve_device(cfg.device) if local else None)
+            if cfg.model == "bpr":
+                continue
+            if (cfg.dataset, cfg.max_len) not in datasets:
+                datasets[cfg.dataset, cfg.max_len] = sequence_data(splits[cfg.dataset], cfg.max_len)
             check_negatives(cfg, datasets[cfg.dataset, cfg.max_len])
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
@@ -67,12 +84,44 @@ def run_lock(run_dir: Path):
         lock.release()
 
 
-def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> None:
-    """Make sure results can be written before any trial starts; refuse to mix two sweeps."""
+# Folders of the operating system: a run directory is never one of them, nor inside one.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+DRIVER_FILES = {".lock", ".write-probe"}
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory is a folder of its own: not a system folder, and not a non-empty folder
+    that holds something other than a raysweep run."""
+    if run_dir == Path(run_dir.anchor) or any(run_dir == Path(d) or Path(d) in run_dir.parents for d in SYSTEM_DIRS):
+        raise UserError(f"{run_dir}: a system folder cannot be a run directory; set 'results' to a folder of your own")
+    if run_dir.is_dir() and not (run_dir / "spec.yaml").is_file():
+        others = [p.name for p in run_dir.iterdir() if p.name not in DRIVER_FILES]
+        if others:
+            raise UserError(f"{run_dir}: not empty and not a raysweep run directory (it holds {sorted(others)[0]!r}); "
+                            "set 'results' to a new folder")
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder")
+
+
+def check_records(run_dir: Path) -> None:
+    """On --resume, every trial record must be readable before Ray starts."""
+    for path in sorted((run_dir / "trials").glob("*/result.json")):
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not {"key", "status", "stages"} <= set(record):
+                raise ValueError("not a trial record")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: unreadable trial record ({exc}); delete {path.parent} to run that trial "
+                            "again") from None
+
+
+def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> bool:
+    """Make sure results can be written before any trial starts; refuse to mix two sweeps.
+    True if this call started the run directory (wrote its spec.yaml)."""
     started = (run_dir / "spec.yaml").is_file()
     if started and not resume:
         raise UserError(f"{run_dir}: a sweep already ran here; pass --resume to finish it, or set another 'results'")
-    if started and (run_dir / "spec.yaml").read_text() != spec_path.read_text():
+    if started and (run_dir / "spec.yaml").read_bytes() != spec_path.read_bytes():
         raise UserError(f"{run_dir}: the sweep file changed since this run started; resume with the same file")
     try:
         probe = run_dir / ".write-probe"
@@ -81,9 +130,10 @@ def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> None:
     except OSError as exc:
         raise UserError(f"{run_dir}: results directory is not writable ({exc.strerror})") from None
     if not started:
-        shutil.copyfile(spec_path, run_dir / "spec.yaml")
+        atomic_write(run_dir / "spec.yaml", lambda tmp: shutil.copyfile(spec_path, tmp))
     for leftover in [*run_dir.glob(".*.tmp"), *run_dir.glob("trials/*/.*.tmp")]:
         leftover.unlink()  # half-written files of a killed driver or trial; never renamed, never read
+    return not started
 
 
 # Where run directories go when neither --results nor the sweep's `results` says (a cluster's
@@ -91,6 +141,20 @@ def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> None:
 RUNS_ENV = "RAYSWEEP_RUNS_DIR"
 # Ray's switch for a single-machine Ray (named for the platforms where it is the default).
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def check_address(address: str | None) -> None:
+    """A cluster address given as host:port must answer before anything is written: Ray itself
+    retries an unreachable one for minutes."""
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected host:port, 'auto' or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
 def start_ray(address: str | None) -> bool:
@@ -107,7 +171,11 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():  # a caller (a notebook, the tests) already chose the cluster
         return False
     if address:
-        ray.init(address=address, log_to_driver=True)
+        check_address(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as exc:
+            raise UserError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
         return False
     # address="local": a new single-node Ray even if another one runs on this machine.
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
@@ -119,73 +187,172 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
+class Interrupted(Exception):
+    """The sweep was stopped by a signal; what finished is saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Stop:
+    """SIGINT / SIGTERM while a sweep runs. The handler only notes the signal; the stage's Tune
+    loop is then stopped the way Tune stops on Ctrl-C (its SIGUSR1 handler, sent from inside the
+    loop, where Tune is sure to listen: trials checkpointed, experiment state saved), and the
+    sweep stops before its next stage. A second signal stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.forwarded = False
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[raysweep] {signal.Signals(signum).name}: stopping the sweep (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def forward_to_tune(self) -> None:
+        if self.signum is not None and not self.forwarded:
+            self.forwarded = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
+            yield self
+            return
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stays; Tune still listens on SIGUSR1
+        previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class _TuneAdvice(logging.Filter):
+    """Tune's own advice on an interrupted run (Tuner.restore) points away from --resume."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Resume experiment with" in message or "Stop signal received" in message)
+
+
 def run_sweep(spec_path: Path, address: str | None = None, resume: bool = False, dry_run: bool = False,
               results: Path | None = None) -> Path:
-    """Run (or resume) a sweep; returns its run directory."""
+    """Run (or resume) a sweep; returns its run directory. Raises `Interrupted` after a signal,
+    once what finished is saved and reported."""
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
     where = str(spec_path)
     trials = expand(spec, where)
-    check_trials(trials, where)
-    run_dir = Path(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / spec.name).resolve()
+    run_dir = Path(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / spec.name).absolute()
+    check_run_dir(run_dir)
+    if resume:
+        check_records(run_dir)
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    check_trials(trials, where, local)
     if dry_run:
         print(f"sweep {spec.name}: results in {run_dir}")
         print(trial_table(trials, spec.resources.gpus, spec.resources.cpus))
         return run_dir
+    check_address(address or os.environ.get("RAY_ADDRESS"))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot create the results directory ({exc.strerror})") from None
-    with run_lock(run_dir):
-        prepare_run_dir(run_dir, spec_path, resume)
+    stop = Stop()
+    with run_lock(run_dir), stop.installed():
+        fresh = prepare_run_dir(run_dir, spec_path, resume)
         if spec.description:
             print(f"[raysweep] {spec.name}: {spec.description.strip()}", flush=True)
-        local = start_ray(address)
-        print(f"[raysweep] {len(trials)} trials; TensorBoard: tensorboard --logdir {run_dir / 'tune'}", flush=True)
-        _run_stages(spec, trials, run_dir, local, resume, where)
-    from raysweep.report import write_report
-
-    outputs = write_report(run_dir)
-    print(f"[raysweep] results: {run_dir / 'results.parquet'}; report: {', '.join(str(p) for p in outputs)}")
+        try:
+            local = start_ray(address)
+        except BaseException:
+            if fresh:
+                (run_dir / "spec.yaml").unlink(missing_ok=True)  # nothing half-started is left behind
+            raise
+        print(f"[raysweep] {len(trials)} trials; TensorBoard (pip install tensorboard): "
+              f"tensorboard --logdir {run_dir / 'tune'}", flush=True)
+        try:
+            _run_stages(spec, trials, run_dir, local, resume, where, stop)
+        except Interrupted:
+            _finish(run_dir)
+            raise
+    _finish(run_dir)
     return run_dir
 
 
-def _run_stages(spec: SweepSpec, trials: list[Trial], run_dir: Path, local: bool, resume: bool, where: str) -> None:
+def _finish(run_dir: Path) -> None:
+    from raysweep.report import write_report
+    from raysweep.results import write_results
+
+    write_results(run_dir)
+    outputs = write_report(run_dir)
+    print(f"[raysweep] results: {run_dir / 'results.parquet'}; report: {', '.join(str(p) for p in outputs)}", flush=True)
+
+
+def write_plan(run_dir: Path, stages: dict[str, dict[str, Any]]) -> None:
+    """plan.json: every stage of the sweep and the trials it runs (a search stage: how many it
+    samples), so the report can say which trials are missing and how far the sweep is."""
+    atomic_write(run_dir / "plan.json", lambda tmp: tmp.write_text(json.dumps({"stages": stages}, indent=1) + "\n"))
+
+
+def _planned(trials: list[Trial]) -> list[dict[str, Any]]:
+    return [{"key": t.key, "dataset": t.config.dataset, "label": t.config.label, "seed": t.config.seed}
+            for t in trials]
+
+
+def _run_stages(spec: SweepSpec, trials: list[Trial], run_dir: Path, local: bool, resume: bool, where: str,
+                stop: Stop) -> None:
     import ray
 
-    from raysweep.results import load_records, write_results
+    from raysweep.results import load_records
 
     resources = spec.resources
     if local and resources.gpus > 0 and not ray.cluster_resources().get("GPU"):
         print("[raysweep] notice: no GPU on this machine; trials run on the CPU instead of waiting for one",
               file=sys.stderr, flush=True)
         resources = resources.model_copy(update={"gpus": 0.0})
-    best: dict[tuple[str, int], dict[str, Any]] = {}
-    for i, entry in enumerate(spec.models):
-        if entry.search is None:
-            continue
-        for dataset in spec.datasets:
-            if entry.datasets is not None and dataset not in entry.datasets:
-                continue
-            stage = f"search-{dataset}-{i}"
-            [base] = [t for t in trials if t.stage == stage]  # a searched entry has one N
-            _tune_stage(stage, run_dir, resume, spec, resources, search=(base, entry.search))
-            records = [r for r in load_records(run_dir) if stage in r["stages"] and r["status"] == "ok"]
-            if records:
-                top = max(records, key=lambda r: r["val"]["ndcg@10"])
-                best[dataset, i] = top["searched"]
-                print(f"[raysweep] {stage}: best {top['searched']} (val NDCG@10 {top['val']['ndcg@10']:.4f})", flush=True)
     seeds = [t for t in trials if t.stage == "seeds"]
-    for (dataset, i), searched in best.items():
-        for seed in spec.seeds:
-            for cfg in entry_trials(spec, i, dataset, seed, where, searched):
-                seeds.append(Trial(cfg, "seeds", trial_key(cfg)))
-    _tune_stage("seeds", run_dir, resume, spec, resources, grid=seeds)
-    write_results(run_dir)
+    searches = [(i, dataset) for i, entry in enumerate(spec.models) if entry.search is not None
+                for dataset in entry_datasets(spec, i)]
+    plan = {stage_name(d, i): {"kind": "search", "samples": spec.models[i].search.samples, "trials": []}
+            for i, d in searches}
+    plan["seeds"] = {"kind": "seeds", "trials": _planned(seeds)}
+    write_plan(run_dir, plan)
+    for i, dataset in searches:
+        stop.check()
+        stage = stage_name(dataset, i)
+        [base] = [t for t in trials if t.stage == stage]  # a searched entry has one N
+        _tune_stage(stage, stage, run_dir, resume, spec, resources, stop, search=(base, spec.models[i].search))
+        stop.check()
+        plan[stage]["finished"] = True
+        records = [r for r in load_records(run_dir) if stage in r["stages"] and r["status"] == "ok"]
+        if records:
+            top = max(records, key=lambda r: r["val"]["ndcg@10"])
+            print(f"[raysweep] {stage}: best {top['searched']} (val NDCG@10 {top['val']['ndcg@10']:.4f})", flush=True)
+            for seed in entry_seeds(spec, i):
+                for cfg in entry_trials(spec, i, dataset, seed, where, top["searched"]):
+                    seeds.append(Trial(cfg, "seeds", trial_key(cfg)))
+        plan["seeds"]["trials"] = _planned(seeds)
+        write_plan(run_dir, plan)
+    stop.check()
+    # The seeds stage's Tune experiment is named for its grid: a resume restores it only when the
+    # searches chose what they chose before; a new grid runs as a new experiment (finished trials
+    # return at once from their records).
+    grid_id = hashlib.sha1(" ".join(sorted(t.key for t in seeds)).encode()).hexdigest()[:8]
+    _tune_stage("seeds", f"seeds-{grid_id}", run_dir, resume, spec, resources, stop, grid=seeds)
+    stop.check()
 
 
-def _tune_stage(name: str, run_dir: Path, resume: bool, spec: SweepSpec, resources, grid: list[Trial] | None = None,
-                search: tuple[Trial, Any] | None = None) -> None:
+def _tune_stage(stage: str, experiment: str, run_dir: Path, resume: bool, spec: SweepSpec, resources, stop: Stop,
+                grid: list[Trial] | None = None, search: tuple[Trial, Any] | None = None) -> None:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -196,27 +363,31 @@ def _tune_stage(name: str, run_dir: Path, resume: bool, spec: SweepSpec, resourc
     # resume never points at a deleted one; intended, and Tune's warning about those snapshots
     # would otherwise repeat every epoch of a short trial.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own terminal output: raysweep prints its own lines, and Tune's TensorBoard hint
+    # points at a temporary folder, not at the run directory.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune.tune").addFilter(_TuneAdvice())
     trainable = tune.with_resources(glue.trainable, glue.resources_for(resources))
-    callbacks = [glue.TrialLog(run_dir, name)]
+    callbacks = [glue.TrialLog(run_dir, stage, stop.forward_to_tune)]
     run_config = tune.RunConfig(
-        name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
+        name=experiment, storage_path=str(storage), verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    if resume and tune.Tuner.can_restore(storage / name):
-        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
+    if resume and tune.Tuner.can_restore(storage / experiment):
+        tuner = tune.Tuner.restore(str(storage / experiment), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
     elif grid is not None:
         if not grid:
             return
         space = {"trial": tune.grid_search([t.config.to_dict() for t in grid]), "run_dir": str(run_dir),
-                 "stage": name}
+                 "stage": stage}
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
                            tune_config=tune.TuneConfig(trial_dirname_creator=_dirname))
     else:
         base, block = search
         fixed = {k: v for k, v in base.config.to_dict().items() if k not in block.space}
-        space = {"trial": fixed, "search": glue.search_space(block.space), "run_dir": str(run_dir), "stage": name}
+        space = {"trial": fixed, "search": glue.search_space(block.space), "run_dir": str(run_dir), "stage": stage}
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config, tune_config=tune.TuneConfig(
             search_alg=OptunaSearch(metric="best_ndcg@10", mode="max", seed=block.seed),
             num_samples=block.samples, max_concurrent_trials=block.max_concurrent, trial_dirname_creator=_dirname))
@@ -229,6 +400,15 @@ def _dirname(trial) -> str:
     return f"{trial_key(trial_config(trial.config))}_{trial.trial_id}"
 
 
+def _resume_command(spec_path: Path, results: Path | None, address: str | None) -> str:
+    parts = ["python -m raysweep.run", str(spec_path), "--resume"]
+    if results:
+        parts += ["--results", str(results)]
+    if address:
+        parts += ["--address", address]
+    return " ".join(parts)
+
+
 @cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raysweep.run", description=__doc__.split("\n")[0])
@@ -239,7 +419,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None,
                         help="run directory (default: the sweep's 'results', else $RAYSWEEP_RUNS_DIR/NAME or runs/NAME)")
     args = parser.parse_args(argv)
-    run_sweep(args.sweep, args.address, args.resume, args.dry_run, args.results)
+    try:
+        run_dir = run_sweep(args.sweep, args.address, args.resume, args.dry_run, args.results)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"[raysweep] INTERRUPTED ({signal.Signals(signum).name}): the sweep is incomplete; what finished is "
+              f"saved. Resume with: {_resume_command(args.sweep, args.results, args.address)}",
+              file=sys.stderr, flush=True)
+        return 128 + signum
+    if args.dry_run:
+        return 0
+    from raysweep.results import read_results
+
+    results = read_results(run_dir)
+    failed = int(((results["status"] != "ok") & results["in_table2"]).sum()) if len(results) else 0
+    if failed:  # (a search's failed samples are part of searching: they lose, and the sweep goes on)
+        print(f"[raysweep] {failed} trial(s) of Table 2 failed: see {run_dir / 'report' / 'table2.md'}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

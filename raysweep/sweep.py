@@ -7,6 +7,10 @@ and the key path (`sweeps/x.yaml: models[1].negatives: ...`).
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raysweep.config import TrialConfig, trial_key
+from raysweep.config import TrialConfig, dataset_tag, trial_key
 from raysweep.data import get_dataset
 from raysweep.errors import UserError
 
@@ -59,6 +63,7 @@ class ModelEntry(Strict):
     loss: Literal["bce", "ce", "sampled_ce"] | None = None
     negatives: list[int] | int | None = None
     datasets: list[str] | None = None  # only these of the sweep's datasets (e.g. N beyond a small catalogue)
+    seeds: list[int] | None = Field(None, min_length=1)  # instead of the sweep's seeds, for this entry
     settings: dict[str, Any] = {}
     search: Search | None = None
 
@@ -75,7 +80,7 @@ class Resources(Strict):
 
 
 class SweepSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=100)  # one plain path component
     description: str = ""
     datasets: list[str] = Field(min_length=1)
     models: list[ModelEntry] = Field(min_length=1)
@@ -90,7 +95,7 @@ class SweepSpec(Strict):
 @dataclass(frozen=True)
 class Trial:
     config: TrialConfig
-    stage: str  # "seeds", or "search:<dataset>:<entry>"
+    stage: str  # "seeds", or a search stage (`stage_name`)
     key: str  # stable id: the same settings give the same key (resume, deduplication)
 
 
@@ -101,28 +106,82 @@ def _error_path(loc: tuple) -> str:
     return path
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# A sweep file is a few dozen values; YAML aliases can make a small file stand for billions.
+MAX_VALUES = 100_000
+
+
+def _count_values(document: Any) -> int:
+    """How many values the document holds once its aliases are expanded, up to MAX_VALUES + 1."""
+    count, stack = 0, [document]
+    while stack and count <= MAX_VALUES:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
+
+
 def load_spec(path: Path) -> SweepSpec:
-    """Read and validate a sweep file (safe YAML only)."""
+    """Read and validate a sweep file (safe YAML only), with every path in it made absolute."""
     where = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
         raise UserError(f"{where}: cannot read sweep file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{where}: a sweep file is a YAML mapping (name, datasets, models, ...)")
+    if _count_values(raw) > MAX_VALUES:
+        raise UserError(f"{where}: the file expands to more than {MAX_VALUES:,} values (YAML aliases?)")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UserError(f"{where}: {_error_path(first['loc']) or 'sweep'}: {first['msg']}") from None
+    spec = _absolute_paths(spec)
     _check_settings(spec, where)
     return spec
+
+
+def _absolute(name: str) -> str:
+    """A dataset given as a file path, or a folder setting, made absolute once: Tune runs each
+    trial in a folder of its own, where a relative path would point elsewhere."""
+    return str(Path(name).expanduser().absolute()) if name.endswith((".txt", ".txt.gz")) else name
+
+
+def _absolute_paths(spec: SweepSpec) -> SweepSpec:
+    def settings(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: str(Path(v).expanduser().absolute()) if k in ("data_dir", "mirror") and isinstance(v, str) else v
+                for k, v in values.items()}
+
+    models = [entry.model_copy(update={"datasets": entry.datasets and [_absolute(d) for d in entry.datasets],
+                                       "settings": settings(entry.settings)}) for entry in spec.models]
+    return spec.model_copy(update={
+        "datasets": [_absolute(d) for d in spec.datasets], "models": models, "settings": settings(spec.settings),
+        "overrides": {_absolute(d): settings(v) for d, v in spec.overrides.items()}})
 
 
 def _check_settings(spec: SweepSpec, where: str) -> None:
@@ -146,6 +205,20 @@ def _check_settings(spec: SweepSpec, where: str) -> None:
             TrialConfig.check_keys({k: None for k in entry.search.space}, f"{where}: models[{i}].search.space")
 
 
+def stage_name(dataset: str, index: int) -> str:
+    """The search stage of model entry `index` on `dataset` (a folder name under the run's tune/)."""
+    return f"search-{dataset_tag(dataset)}-{index}"
+
+
+def entry_datasets(spec: SweepSpec, index: int) -> list[str]:
+    entry = spec.models[index]
+    return [d for d in spec.datasets if entry.datasets is None or d in entry.datasets]
+
+
+def entry_seeds(spec: SweepSpec, index: int) -> list[int]:
+    return spec.models[index].seeds or spec.seeds
+
+
 def entry_trials(spec: SweepSpec, index: int, dataset: str, seed: int, where: str,
                  searched: dict[str, Any] | None = None) -> list[TrialConfig]:
     """The trials of one model entry on one dataset and seed: one per N."""
@@ -159,20 +232,75 @@ def entry_trials(spec: SweepSpec, index: int, dataset: str, seed: int, where: st
     return out
 
 
+# More trials than one sweep should hold: a mistake in the file, not an experiment.
+MAX_TRIALS = 100_000
+
+
+def grid_size(spec: SweepSpec) -> int:
+    """How many trials the sweep's grid has (each search counts once), without building them."""
+    total = 0
+    for i, entry in enumerate(spec.models):
+        negatives = len(entry.negatives) if isinstance(entry.negatives, list) else 1
+        seeds = 1 if entry.search is not None else len(entry_seeds(spec, i))
+        total += len(entry_datasets(spec, i)) * negatives * seeds
+    return total
+
+
 def expand(spec: SweepSpec, where: str = "sweep") -> list[Trial]:
     """Every trial of the sweep. Searched entries contribute their search's first trial
     shape only (the search stage samples the rest; the seeds stage uses its best setting)."""
+    size = grid_size(spec)
+    if size > MAX_TRIALS:
+        raise UserError(f"{where}: the grid has {size:,} trials, more than one sweep runs ({MAX_TRIALS:,})")
     trials = []
     for dataset in spec.datasets:
         for i, entry in enumerate(spec.models):
-            if entry.datasets is not None and dataset not in entry.datasets:
+            if dataset not in entry_datasets(spec, i):
                 continue
-            stage = "seeds" if entry.search is None else f"search-{dataset}-{i}"  # run._run_stages uses the same name
-            for seed in spec.seeds if entry.search is None else [spec.seeds[0]]:
+            stage = "seeds" if entry.search is None else stage_name(dataset, i)
+            for seed in entry_seeds(spec, i) if entry.search is None else entry_seeds(spec, i)[:1]:
                 for cfg in entry_trials(spec, i, dataset, seed, where):
                     trials.append(Trial(cfg, stage, trial_key(cfg)))
-    keys = [t.key for t in trials]
-    duplicated = {k for k in keys if keys.count(k) > 1}
+                if entry.search is not None:
+                    check_space(spec, i, dataset, where)
+    counts = Counter(t.key for t in trials)
+    duplicated = sorted(k for k, n in counts.items() if n > 1)
     if duplicated:
-        raise UserError(f"{where}: the same trial appears twice ({sorted(duplicated)[0]}); remove the repeated entry")
+        raise UserError(f"{where}: the same trial appears twice ({duplicated[0]}); remove the repeated entry")
     return trials
+
+
+# Combinations of searched values checked together (beyond it, each value on its own).
+MAX_COMBINATIONS = 4096
+
+
+def _candidates(name: str, d: Distribution, where: str) -> list[Any]:
+    """The values to check for a searched setting: every choice, or a range's two ends."""
+    integer = str(next(f.type for f in dataclasses.fields(TrialConfig) if f.name == name)).startswith("int")
+    if d.choice is not None:
+        return list(d.choice)
+    if d.randint is not None:
+        return [d.randint[0], d.randint[1] - 1]  # high is exclusive
+    kind, bounds = ("uniform", d.uniform) if d.uniform is not None else ("loguniform", d.loguniform)
+    if integer:
+        raise UserError(f"{where}: {kind} draws real numbers, but {name!r} is an integer setting (use randint or choice)")
+    return list(bounds)
+
+
+def check_space(spec: SweepSpec, index: int, dataset: str, where: str) -> None:
+    """Every value the entry's search can produce must make a valid trial: checked before Ray
+    starts, not when a sampled trial fails halfway through the sweep."""
+    space = spec.models[index].search.space
+    options = {name: _candidates(name, d, f"{where}: models[{index}].search.space.{name}") for name, d in space.items()}
+    combinations = math.prod(len(v) for v in options.values())
+    if combinations <= MAX_COMBINATIONS:
+        samples = [dict(zip(options, values)) for values in itertools.product(*options.values())]
+    else:
+        samples = [{name: value} for name, values in options.items() for value in values]
+    for sample in samples:
+        try:
+            entry_trials(spec, index, dataset, entry_seeds(spec, index)[0], where, sample)
+        except UserError as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in sample.items())
+            raise UserError(f"{where}: models[{index}].search.space can produce {shown}, which is not a valid "
+                            f"trial: {str(exc).removeprefix(f'{where}: models[{index}] on {dataset}: ')}") from None

@@ -9,6 +9,7 @@ that snapshots the full training state; the sweep layer reports and checkpoints 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable
@@ -19,8 +20,8 @@ from torch import nn
 
 from raysweep import losses
 from raysweep.config import TrialConfig
-from raysweep.errors import UserError
-from raysweep.metrics import evaluate
+from raysweep.errors import Diverged, UserError
+from raysweep.metrics import mean_metrics, rank_users
 from raysweep.split import SequenceData
 
 BERT_MASK_PROB = 0.2  # the paper's masking probability; masked items become [MASK] only (no 80/10/10)
@@ -216,18 +217,24 @@ def sequence_scorer(model: nn.Module, cfg: TrialConfig, data: SequenceData, hist
     return score
 
 
-def evaluate_split(model: nn.Module, cfg: TrialConfig, data: SequenceData, split: str, users: torch.Tensor,
-                   autocast: Callable[[], Any]) -> dict[str, float]:
-    """Metrics on the validation or test targets of `users`."""
+def rank_split(model: nn.Module, cfg: TrialConfig, data: SequenceData, split: str, users: torch.Tensor,
+               autocast: Callable[[], Any]) -> torch.Tensor:
+    """Each user's rank of their validation or test target (int32, on the CPU)."""
     history, lengths = getattr(data, f"{split}_history"), getattr(data, f"{split}_lengths")
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        result = evaluate(sequence_scorer(model, cfg, data, history, lengths, autocast), users,
-                          getattr(data, f"{split}_targets"), data.items, data.starts,
-                          getattr(data, f"{split}_seen_lengths"))
+        ranks = rank_users(sequence_scorer(model, cfg, data, history, lengths, autocast), users,
+                           getattr(data, f"{split}_targets"), data.items, data.starts,
+                           getattr(data, f"{split}_seen_lengths"))
     model.train(was_training)
-    return result
+    return ranks
+
+
+def evaluate_split(model: nn.Module, cfg: TrialConfig, data: SequenceData, split: str, users: torch.Tensor,
+                   autocast: Callable[[], Any]) -> dict[str, float]:
+    """Metrics on the validation or test targets of `users`."""
+    return mean_metrics(rank_split(model, cfg, data, split, users, autocast))
 
 
 def validation_users(num_users: int, count: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -408,6 +415,8 @@ def fit(model: nn.Module, cfg: TrialConfig, data: SequenceData, device: torch.de
         order = order_rng.permutation(data.num_users)
         running = train_steps(step, epoch_batches(order, cfg.batch_size), device)
         mean_loss = float(running) / -(-len(order) // cfg.batch_size)  # the one host sync of the epoch
+        if not math.isfinite(mean_loss):
+            raise Diverged(epoch, mean_loss)
         trained = time.perf_counter()
         val = evaluate_split(model, cfg, data, "val", val_users, autocast)
         validated = time.perf_counter()

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
@@ -22,7 +22,8 @@ from ray import tune
 
 from raysweep import faults
 from raysweep.config import TrialConfig, trial_key
-from raysweep.results import failed_record, finished_record, read_record, write_record
+from raysweep.errors import Diverged
+from raysweep.results import LiveResults, failed_record, finished_record, read_record, write_record
 from raysweep.sweep import Distribution
 from raysweep.train import run_trial
 
@@ -80,13 +81,18 @@ def trainable(config: dict[str, Any]) -> None:
         else:
             tune.report(metrics)
 
-    result = run_trial(cfg, on_epoch=on_epoch, resume=resume)
-    record = finished_record(result, key, stage, searched=config.get("search", {}),
-                             node_id=ray.get_runtime_context().get_node_id(), host=platform.node(),
-                             started_at=started_at, finished_at=time.time(),
-                             resources=dict(tune.get_context().get_trial_resources().required_resources),
+    where = dict(searched=config.get("search", {}), node_id=ray.get_runtime_context().get_node_id(),
+                 host=platform.node(), started_at=started_at,
+                 resources=dict(tune.get_context().get_trial_resources().required_resources))
+    try:
+        result = run_trial(cfg, on_epoch=on_epoch, resume=resume)
+    except Diverged as exc:  # settings that cannot train: no retry would help, and it must never win
+        write_record(run_dir, key, failed_record(cfg, key, stage, str(exc), **where, finished_at=time.time()))
+        tune.report({"epoch": exc.epoch, "best_ndcg@10": 0.0, "finished": True, "diverged": str(exc)})
+        return
+    record = finished_record(result, key, stage, **where, finished_at=time.time(),
                              resumed_from_epoch=resume["epoch"] if resume is not None else None)
-    write_record(run_dir, key, record, result["history"])
+    write_record(run_dir, key, record, result["history"], result["ranks"])
     tune.report(summary(record))
 
 
@@ -119,14 +125,19 @@ class TrialLog(tune.Callback):
     """One terminal line per finished or failed trial, and the results table kept current.
 
     A trial that keeps failing after its retries is recorded as failed, with its error, so
-    the results table and the report show it.
+    the results table and the report show it. `on_step` runs at each step of Tune's loop (the
+    driver's stop on a signal).
     """
 
-    def __init__(self, run_dir: Path, stage: str, every: float = 30.0):
-        self.run_dir, self.stage, self.every = run_dir, stage, every
+    def __init__(self, run_dir: Path, stage: str, on_step: Callable[[], None] = lambda: None, every: float = 30.0):
+        self.run_dir, self.stage, self.on_step, self.every = run_dir, stage, on_step, every
         self.finished = self.failed = 0
         self.best: dict[str, tuple[int, float]] = {}
         self.last_status = time.monotonic()
+        self.results = LiveResults(run_dir)
+
+    def on_step_begin(self, iteration, trials, **info):
+        self.on_step()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = trial_config(trial.config)
@@ -142,22 +153,23 @@ class TrialLog(tune.Callback):
             parts = [f"{trial_config(t.config).label} s{trial_config(t.config).seed} epoch {self.best[t.trial_id][0]} "
                      f"best {self.best[t.trial_id][1]:.4f}" for t in running if t.trial_id in self.best]
             print(f"[raysweep] {self.stage}: {self.finished} done, {self.failed} failed, {len(running)} running, "
-                  f"{len(trials) - self.finished - self.failed - len(running)} waiting | " + "; ".join(parts), flush=True)
-
-    def on_change(self) -> None:
-        from raysweep.results import write_results
-
-        write_results(self.run_dir)
+                  f"{len(trials) - self.finished - self.failed - len(running)} waiting"
+                  + (" | " + "; ".join(parts) if parts else ""), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.finished += 1
         last = trial.last_result or {}
         cfg = trial_config(trial.config)
-        print(f"[raysweep] done   {cfg.dataset} {cfg.label} seed {cfg.seed}: "
-              f"best val NDCG@10 {last.get('best_ndcg@10', float('nan')):.4f}, "
-              f"test NDCG@10 {last.get('test_ndcg@10', float('nan')):.4f} "
-              f"({self.finished} done, {self.failed} failed, {len(trials)} in {self.stage})", flush=True)
-        self.on_change()
+        if last.get("diverged"):
+            self.failed += 1
+            print(f"[raysweep] FAILED {cfg.dataset} {cfg.label} seed {cfg.seed}: {last['diverged']}", file=sys.stderr,
+                  flush=True)
+        else:
+            self.finished += 1
+            print(f"[raysweep] done   {cfg.dataset} {cfg.label} seed {cfg.seed}: "
+                  f"best val NDCG@10 {last.get('best_ndcg@10', float('nan')):.4f}, "
+                  f"test NDCG@10 {last.get('test_ndcg@10', float('nan')):.4f} "
+                  f"({self.finished} done, {self.failed} failed, {len(trials)} in {self.stage})", flush=True)
+        self.results.update(trial_key(cfg))
         faults.driver_point("first-finish")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -172,7 +184,10 @@ class TrialLog(tune.Callback):
                                                           attempts=trial.num_failures, host=None, node_id=None))
         print(f"[raysweep] FAILED {cfg.dataset} {cfg.label} seed {cfg.seed} after {trial.num_failures} attempts: "
               f"{error.splitlines()[-1] if error else 'unknown error'}", file=sys.stderr, flush=True)
-        self.on_change()
+        self.results.update(key)
+
+    def on_experiment_end(self, trials, **info):
+        self.results.flush()
 
 
 def _error_text(trial) -> str:

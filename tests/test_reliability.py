@@ -74,7 +74,7 @@ def test_trial_that_keeps_failing_is_recorded_and_the_sweep_completes(ray_cluste
     assert results.loc["SASRec+", "status"] == "failed"
     assert "injected failure at epoch 2" in results.loc["SASRec+", "error"]
     report = (run_dir / "report" / "table2.md").read_text()
-    assert "## Failed trials" in report and "SASRec+ seed 0: RuntimeError: injected failure at epoch 2" in report
+    assert "## Failed trials" in report and "SASRec+ seed 0 (seeds): RuntimeError: injected failure at epoch 2" in report
     assert "| GRU4Rec |" in report
     # --resume runs the failed trial again (its failed record is not taken as finished) and
     # records the same failure once; the finished trial is not run again.

@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
+from raysweep.metrics import mean_metrics
+
 
 def _run(*args, blocked=()):
     """`python -m raysweep.train ARGS`, with the packages in `blocked` made unimportable."""
@@ -24,9 +26,14 @@ def test_trial_writes_metrics_and_history(tmp_path):
     assert metrics["label"] == "SASRec+ 20" and metrics["config"]["negatives"] == 20
     assert metrics["config"]["max_len"] == 20 and set(metrics["test"]) >= {"hr@10", "ndcg@100", "mrr@10"}
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert metrics["precision"] == ("bf16" if native else "fp32") and f"cpu, {metrics['precision']})" in result.stdout
+    assert metrics["precision"] == ("bf16" if native else "fp32") and f"cpu, {metrics['precision']}, peak" in result.stdout
+    assert 0 < metrics["peak_memory_mb"] < 4096
     history = pd.read_parquet(tmp_path / "history.parquet")
     assert list(history["epoch"]) == [1, 2] and "val_ndcg@10" in history
+    # Every test user's rank: the record's metrics follow from them exactly.
+    ranks = pd.read_parquet(tmp_path / "ranks.parquet")["rank"]
+    assert len(ranks) == 3000 and str(ranks.dtype) == "int32"
+    assert mean_metrics(ranks.to_numpy()) == metrics["test"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
