@@ -2,15 +2,16 @@
 
     python benchmarks/chunked_ce.py [--device cuda] [--positions-scale 1.0]
 
-Chunked, at the chunk size `losses.ce` picks: raysweep's own `_ChunkedCE` (what runs on
-PyTorch < 2.13) and PyTorch's `F.linear_cross_entropy` with chunking options (what `losses.ce`
-runs on PyTorch >= 2.13; "-" where this torch lacks it).
+Chunked, at the chunk size `full_ce` picks, with each of its back-ends: raysweep's own
+`ChunkedCE` ("raysweep", any PyTorch) and PyTorch's `F.linear_cross_entropy` with chunking
+options ("torch", PyTorch >= 2.13; "-" where this torch lacks it).
 
 Shapes: ML-20M (26,744 items, hidden 256, L=200, batch 128) and Yelp (148,415 items, hidden
 64, L=50, batch 128), every position a target. Reports seconds per step (forward + backward)
 and peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS), each
 variant in its own process. On a CPU use --positions-scale to keep a step short.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,7 @@ def _step(variant: str, items: int, hidden: int, positions: int, device: str, qu
         if variant == "plain":
             loss = torch.nn.functional.cross_entropy(h @ w[1:].T, labels - 1)
         else:
-            losses.TORCH_CHUNKED_CE = variant == "torch"
-            loss = losses.ce(h[None], labels[None], w)
+            loss = losses.ce(h[None], labels[None], w, backend=variant)
         loss.backward()
         h.grad = w.grad = None
 
@@ -73,17 +73,21 @@ def main() -> None:
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device: {name}\n")
-    variants = ["plain", "own"] + (["torch"] if hasattr(torch.nn, "LinearCrossEntropyOptions") else [])
-    print("| shape | positions | s/step: plain / own chunked / torch chunked | peak MB: plain / own / torch "
-          "| memory ratio plain : own |")
+    variants = ["plain", "raysweep"] + (["torch"] if hasattr(torch.nn, "LinearCrossEntropyOptions") else [])
+    print(
+        "| shape | positions | s/step: plain / raysweep chunked / torch chunked "
+        "| peak MB: plain / raysweep / torch | memory ratio plain : raysweep |"
+    )
     print("|---|---|---|---|---|")
     for shape, (items, hidden, length) in SHAPES.items():
         positions = max(1, int(128 * length * args.positions_scale))
         seconds, peak = zip(*(measure(v, items, hidden, positions, args.device) for v in variants))
         seconds, peak = list(seconds) + ["-"] * (3 - len(variants)), list(peak) + ["-"] * (3 - len(variants))
-        print(f"| {shape} | {positions} | {' / '.join(x if x == '-' else f'{x:.3f}' for x in seconds)} | "
-              f"{' / '.join(x if x == '-' else f'{x / 2**20:.0f}' for x in peak)} | {peak[0] / peak[1]:.1f}x |",
-              flush=True)
+        print(
+            f"| {shape} | {positions} | {' / '.join(x if x == '-' else f'{x:.3f}' for x in seconds)} | "
+            f"{' / '.join(x if x == '-' else f'{x / 2**20:.0f}' for x in peak)} | {peak[0] / peak[1]:.1f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

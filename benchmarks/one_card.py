@@ -1,7 +1,7 @@
 """Table 2 on one card: a sweep's trials as `raysweep.train` processes sharing one device.
 
-    python benchmarks/one_card.py [SWEEP=sweeps/table2.yaml] [--datasets ml-1m beauty]
-                                  [--concurrent 4] [--device cuda] [--max-epochs E] [--cuda-graphs] [--out DIR]
+    python benchmarks/one_card.py [SWEEP=sweeps/table2.yaml] [--datasets ml-1m beauty] [--concurrent 4]
+                                  [--device cuda] [--max-epochs E] [--cuda-graphs] [--out DIR]
 
 The trials of a grid sweep file (by default the paper's Table 2, on the datasets named, by
 default ML-1M and Beauty), `--concurrent` processes at a time, the longest first, the
@@ -14,6 +14,7 @@ minutes on one card"). BPR-MF needs `implicit`; without it its rows are reported
 An entry with an Optuna search runs at its base settings (searching needs the sweep driver,
 `python -m raysweep.run`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ from raysweep.results import failed_record, finished_record, read_record, write_
 from raysweep.sweep import entry_datasets, entry_seeds, entry_trials, expand, load_spec, stage_name
 
 
-def trials(sweep: Path, datasets: list[str] | None, device: str, max_epochs: int | None,
-           cuda_graphs: bool = False) -> list[TrialConfig]:
+def trials(
+    sweep: Path, datasets: list[str] | None, device: str, max_epochs: int | None, cuda_graphs: bool = False
+) -> list[TrialConfig]:
     """The sweep's trials on `datasets`, longest first (long sequences, BERT4Rec's doubled budget)."""
     spec = load_spec(sweep)
     if datasets:
@@ -49,8 +51,11 @@ def trials(sweep: Path, datasets: list[str] | None, device: str, max_epochs: int
     for i, entry in enumerate(spec.models):
         if entry.search is not None:
             for dataset in entry_datasets(spec, i):
-                print(f"[one_card] {stage_name(dataset, i)}: no Optuna search without Ray; {entry.model} runs at its "
-                      "base settings", flush=True)
+                print(
+                    f"[one_card] {stage_name(dataset, i)}: no Optuna search without Ray; "
+                    f"{entry.model} runs at its base settings",
+                    flush=True,
+                )
                 for seed in entry_seeds(spec, i):
                     grid += entry_trials(spec, i, dataset, seed, str(sweep))
     configs = []
@@ -75,23 +80,38 @@ def command(cfg: TrialConfig, out: Path) -> list[str]:
     return args
 
 
-def record(cfg: TrialConfig, out: Path, started: float, returncode: int, log: Path,
-           resources: dict) -> tuple[dict, list | None, object]:
+def record(
+    cfg: TrialConfig, out: Path, started: float, returncode: int, log: Path, resources: dict
+) -> tuple[dict, list | None, object]:
     """The trial's record as a sweep writes it (`status` failed with the log's tail when it failed)."""
-    context = dict(searched={}, node_id=None, host=platform.node(), started_at=started, finished_at=time.time(),
-                   resources=resources)
+    context = dict(
+        searched={},
+        node_id=None,
+        host=platform.node(),
+        started_at=started,
+        finished_at=time.time(),
+        resources=resources,
+    )
     if returncode == 0:
-        metrics = json.loads((out / "metrics.json").read_text())
+        summary = json.loads((out / "metrics.json").read_text())
         history = pd.read_parquet(out / "history.parquet").to_dict("records")
         ranks = pd.read_parquet(out / "ranks.parquet")["rank"].to_numpy()
-        return finished_record(metrics, trial_key(cfg), "seeds", **context), history, ranks
+        return finished_record(summary, trial_key(cfg), "seeds", **context), history, ranks
     tail = log.read_text(errors="replace").strip().splitlines()[-20:]
     error = "\n".join(tail) or f"exit status {returncode}"
     return failed_record(cfg, trial_key(cfg), "seeds", error, **context), None, None
 
 
-def run_all(todo: list[TrialConfig], running: dict, run_dir: Path, env: dict, concurrent: int, threads: int,
-            started: float, stop: threading.Event) -> bool:
+def run_all(
+    todo: list[TrialConfig],
+    running: dict,
+    run_dir: Path,
+    env: dict,
+    concurrent: int,
+    threads: int,
+    started: float,
+    stop: threading.Event,
+) -> bool:
     """Start trials as slots free up, `concurrent` at a time, and record each as it ends; False
     if `stop` was set first (the trials still running are left in `running`)."""
     while todo or running:
@@ -109,17 +129,24 @@ def run_all(todo: list[TrialConfig], running: dict, run_dir: Path, env: dict, co
         time.sleep(0.2)
         for process in [p for p in running if p.poll() is not None]:
             cfg, work, began, log = running.pop(process)
-            rec, history, ranks = record(cfg, work, began, process.returncode, log,
-                                         dict(concurrent=concurrent, cpu_threads=threads))
-            write_record(run_dir, rec["key"], rec, history, ranks)
+            rec, history, ranks = record(
+                cfg, work, began, process.returncode, log, dict(concurrent=concurrent, cpu_threads=threads)
+            )
+            write_record(run_dir, rec, history=history, ranks=ranks)
             write_results(run_dir)
-            if rec["status"] == "ok":
-                test = rec["test"]
-                print(f"[one_card] done  {cfg.dataset} {cfg.label}: best epoch {rec['best_epoch']} of {rec['epochs']}, "
-                      f"{rec['seconds_per_epoch']:.2f} s/epoch, test HR@10 {test['hr@10']:.4f} NDCG@10 "
-                      f"{test['ndcg@10']:.4f} [{time.perf_counter() - started:.0f} s]", flush=True)
+            if rec.ok:
+                test = rec.test
+                print(
+                    f"[one_card] done  {cfg.dataset} {cfg.label}: best epoch {rec.best_epoch} of "
+                    f"{rec.epochs}, "
+                    f"{rec.seconds_per_epoch:.2f} s/epoch, test HR@10 {test['hr@10']:.4f} NDCG@10 "
+                    f"{test['ndcg@10']:.4f} [{time.perf_counter() - started:.0f} s]",
+                    flush=True,
+                )
             else:
-                print(f"[one_card] FAILED {cfg.dataset} {cfg.label}: {rec['error'].splitlines()[-1]}", flush=True)
+                print(
+                    f"[one_card] FAILED {cfg.dataset} {cfg.label}: {rec.error.splitlines()[-1]}", flush=True
+                )
     return True
 
 
@@ -130,20 +157,29 @@ def main() -> int:
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"], help="instead of the sweep's")
     parser.add_argument("--concurrent", type=int, default=4, help="trial processes at once on the device")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-epochs", type=int, default=None, help="cap (a quick check); default: the sweep's")
-    parser.add_argument("--cuda-graphs", action="store_true", help="the sequential trials' steps as CUDA graphs")
+    parser.add_argument(
+        "--max-epochs", type=int, default=None, help="cap (a quick check); default: the sweep's"
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="the sequential trials' steps as CUDA graphs"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/table2-one-card"))
     args = parser.parse_args()
     run_dir = args.out.resolve()
     grid = trials(args.sweep, args.datasets, args.device, args.max_epochs, args.cuda_graphs)
     skipped = [c for c in grid if c.model == "bpr" and importlib.util.find_spec("implicit") is None]
-    todo = [c for c in grid if c not in skipped and (read_record(run_dir, trial_key(c)) or {}).get("status") != "ok"]
+    todo = [
+        c for c in grid if c not in skipped and not getattr(read_record(run_dir, trial_key(c)), "ok", False)
+    ]
     threads = max(1, (os.cpu_count() or 1) // args.concurrent)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     no_bpr = f", {len(skipped)} BPR-MF skipped: implicit is not installed" if skipped else ""
-    print(f"[one_card] {len(grid)} trials ({len(grid) - len(todo) - len(skipped)} already recorded{no_bpr}), "
-          f"{args.concurrent} at once on {args.device}, "
-          f"{threads} CPU threads each; run directory {run_dir}", flush=True)
+    print(
+        f"[one_card] {len(grid)} trials ({len(grid) - len(todo) - len(skipped)} already recorded{no_bpr}), "
+        f"{args.concurrent} at once on {args.device}, "
+        f"{threads} CPU threads each; run directory {run_dir}",
+        flush=True,
+    )
     started = time.perf_counter()
     running: dict[subprocess.Popen, tuple[TrialConfig, Path, float, Path]] = {}
     # A stop (Ctrl-C, or a time cap's SIGTERM) ends the running trials, which would otherwise
@@ -161,10 +197,16 @@ def main() -> int:
             process.wait()
     wall = time.perf_counter() - started
     if stopped is None:
-        print(f"\n{len(grid) - len(skipped)} trials on {args.device}, {args.concurrent} at once: {wall:.0f} s wall-clock\n")
+        print(
+            f"\n{len(grid) - len(skipped)} trials on {args.device}, {args.concurrent} at once: "
+            f"{wall:.0f} s wall-clock\n"
+        )
     else:
-        print(f"\nSTOPPED after {wall:.0f} s wall-clock: {stopped} of {len(grid) - len(skipped)} trials unfinished "
-              f"(a rerun with the same --out finishes them)\n")
+        print(
+            f"\nSTOPPED after {wall:.0f} s wall-clock: {stopped} of {len(grid) - len(skipped)} trials "
+            "unfinished "
+            f"(a rerun with the same --out finishes them)\n"
+        )
     if not (run_dir / "results.parquet").is_file():
         print("no trial has finished: nothing to report")
         return 0 if stopped is None else 143

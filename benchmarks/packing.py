@@ -8,6 +8,7 @@ once on the same device; a row reports wall-clock (start-up and data loading inc
 k x epochs / wall, then the per-trial fraction it suggests: 1 / (the fewest trials within 5 %
 of the best aggregate rate). Ray itself is not needed: this is what Tune's fractional GPUs amount to.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,16 +19,37 @@ import time
 
 
 def run(k: int, args) -> float:
-    command = [sys.executable, "-m", "raysweep.train", "--dataset", args.dataset, "--loss", args.loss,
-               "--max-epochs", str(args.epochs), "--patience", str(args.epochs), "--device", args.device]
+    command = [
+        sys.executable,
+        "-m",
+        "raysweep.train",
+        "--dataset",
+        args.dataset,
+        "--loss",
+        args.loss,
+        "--max-epochs",
+        str(args.epochs),
+        "--patience",
+        str(args.epochs),
+        "--device",
+        args.device,
+    ]
     if args.negatives:
         command += ["--negatives", str(args.negatives)]
     # k processes share the CPU cores as Ray would give them out (cpus per trial = cores / k);
     # unlimited OpenMP threads in each would oversubscribe the cores and measure thrashing.
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // k)))
     started = time.perf_counter()
-    processes = [subprocess.Popen(command + ["--seed", str(seed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True, env=env) for seed in range(k)]
+    processes = [
+        subprocess.Popen(
+            command + ["--seed", str(seed)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for seed in range(k)
+    ]
     for p in processes:
         _, err = p.communicate()
         if p.returncode:
@@ -57,7 +79,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.loss != "sampled_ce":
         args.negatives = 0
-    print(f"{args.dataset} {args.loss} {args.negatives or ''}, {args.epochs} epochs per trial, device {args.device}\n")
+    print(
+        f"{args.dataset} {args.loss} {args.negatives or ''}, {args.epochs} epochs per trial, "
+        f"device {args.device}\n"
+    )
     print("| k trials | wall s | aggregate epochs/s | vs k=1 |")
     print("|---|---|---|---|")
     rates = {}
@@ -65,8 +90,10 @@ def main() -> None:
         wall = run(k, args)
         rates[k] = k * args.epochs / wall
         print(f"| {k} | {wall:.1f} | {rates[k]:.3f} | {rates[k] / rates[args.ks[0]]:.2f}x |", flush=True)
-    print(f"\nper-trial fraction of the device: 1/{packing_choice(rates)} (the fewest trials within "
-          f"{1 - NEAR_BEST:.0%} of the best aggregate rate)")
+    print(
+        f"\nper-trial fraction of the device: 1/{packing_choice(rates)} (the fewest trials within "
+        f"{1 - NEAR_BEST:.0%} of the best aggregate rate)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Reproduce the paper's gated rows (ANCHORS.md) with the paper's settings, one seed.
+"""Reproduce three rows of the paper's Table 2 with its settings, one seed each, in one process.
 
     python benchmarks/reproduce.py [--only beauty-sasrec+3000] [--device cuda] [--out DIR]
 
 Prints test HR/NDCG@10/100, best epoch and seconds per epoch next to the paper's figures;
 HR@10 and NDCG@10 must land within 5 % (relative) of the paper.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,13 +14,15 @@ import time
 from pathlib import Path
 
 from raysweep.config import TrialConfig
-from raysweep.train import progress, run_trial, write_result
+from raysweep.paper import paper_row
+from raysweep.train import progress
+from raysweep.trial import run_trial, write_result
 
-# name: (settings, paper HR@10, HR@100, NDCG@10, NDCG@100, paper best epoch)
+# name: settings (the paper's figures come from raysweep.paper)
 RUNS = {
-    "ml-1m-sasrec+": (dict(dataset="ml-1m", loss="ce"), 0.3152, 0.6743, 0.1821, 0.2555, 63),
-    "beauty-sasrec+": (dict(dataset="beauty", loss="ce"), 0.0533, 0.1325, 0.0327, 0.0482, 6),
-    "beauty-sasrec+3000": (dict(dataset="beauty", loss="sampled_ce", negatives=3000), 0.0490, 0.1197, 0.0295, 0.0434, 8),
+    "ml-1m-sasrec+": dict(dataset="ml-1m", loss="ce"),
+    "beauty-sasrec+": dict(dataset="beauty", loss="ce"),
+    "beauty-sasrec+3000": dict(dataset="beauty", loss="sampled_ce", negatives=3000),
 }
 
 
@@ -32,28 +35,47 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in args.only:
-        settings, *paper = RUNS[name]
-        cfg = TrialConfig.from_dict(dict(settings, device=args.device, seed=args.seed))
+        cfg = TrialConfig.from_dict(dict(RUNS[name], device=args.device, seed=args.seed))
+        paper = paper_row(cfg.dataset, cfg.label)
         print(f"== {name}: {cfg.label} on {cfg.dataset}", flush=True)
         started = time.perf_counter()
         result = run_trial(cfg, on_epoch=lambda report, _: progress(report))
         write_result(result, args.out / name)
-        t = result["test"]
+        t = result.test
         rows.append((name, t, paper, result, time.perf_counter() - started))
-    print("\n| run | HR@10 (paper) | HR@100 (paper) | NDCG@10 (paper) | NDCG@100 (paper) | HR@10 / NDCG@10 vs paper "
-          "| best epoch (paper) | s/epoch | device, precision |")
+    print(
+        "\n| run | HR@10 (paper) | HR@100 (paper) | NDCG@10 (paper) | NDCG@100 (paper) "
+        "| HR@10 / NDCG@10 vs paper | best epoch (paper) | s/epoch | device, precision |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     ok = True
-    for name, t, (hr10, hr100, n10, n100, epoch), result, _ in rows:
+    for name, t, (hr10, hr100, n10, n100, _, epoch), result, _ in rows:
         d_hr, d_ndcg = t["hr@10"] / hr10 - 1, t["ndcg@10"] / n10 - 1
         ok &= abs(d_hr) <= 0.05 and abs(d_ndcg) <= 0.05
-        print(f"| {name} | {t['hr@10']:.4f} ({hr10}) | {t['hr@100']:.4f} ({hr100}) | {t['ndcg@10']:.4f} ({n10}) | "
-              f"{t['ndcg@100']:.4f} ({n100}) | {d_hr:+.1%} / {d_ndcg:+.1%} | {result['best_epoch']} ({epoch}) | "
-              f"{result['seconds_per_epoch']:.2f} | {result['device']}, {result['precision']} |")
+        print(
+            f"| {name} | {t['hr@10']:.4f} ({hr10}) | {t['hr@100']:.4f} ({hr100}) | "
+            f"{t['ndcg@10']:.4f} ({n10}) | "
+            f"{t['ndcg@100']:.4f} ({n100}) | {d_hr:+.1%} / {d_ndcg:+.1%} | {result.best_epoch} ({epoch}) | "
+            f"{result.seconds_per_epoch:.2f} | {result.device}, {result.precision} |"
+        )
     print("\nwithin 5 % of the paper on HR@10 and NDCG@10:", "yes" if ok else "NO")
-    (args.out / "summary.json").write_text(json.dumps(
-        [{"run": n, "test": t, "paper": p, "best_epoch": r["best_epoch"], "seconds_per_epoch": r["seconds_per_epoch"],
-          "device": r["device"], "precision": r["precision"]} for n, t, p, r, _ in rows], indent=2))
+    (args.out / "summary.json").write_text(
+        json.dumps(
+            [
+                {
+                    "run": n,
+                    "test": t,
+                    "paper": p._asdict(),
+                    "best_epoch": r.best_epoch,
+                    "seconds_per_epoch": r.seconds_per_epoch,
+                    "device": r.device,
+                    "precision": r.precision,
+                }
+                for n, t, p, r, _ in rows
+            ],
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Write-then-rename, so that a crash never leaves a half-written cache or result behind."""
+
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -10,6 +10,7 @@ Where a file comes from, in order: the Parquet cache in the data directory, a lo
 (Beauty only: MovieLens' terms forbid redistribution), the upstream URL. Whatever is
 written lands under a temporary name first and is renamed into place once verified.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ import urllib.request
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -68,22 +69,43 @@ def _synthetic(name: str) -> Callable[[], pd.DataFrame]:
 REGISTRY: dict[str, Dataset] = {
     d.name: d
     for d in [
-        Dataset("ml-1m", "ml-1m.txt", "9ab8e3edb8742f8d8cc4911e3dee25e82a6fcc24", 200,
-                url=UPSTREAM + "ml-1m.txt"),
-        Dataset("ml-20m", "ml-20m.txt.zip", "0d5275e9474179c96f1d3ed75d273f9de269f52a", 200,
-                hidden=256, url=UPSTREAM + "ml-20m.txt.zip"),
-        Dataset("steam", "steam.txt.zip", "66ebaeb12e06e92e7351e073242da3eda227d389", 50,
-                url=UPSTREAM + "steam.txt.zip"),
-        Dataset("beauty", "beauty.txt", "16718a33ebdb33504f257421b18ae8bf3ddfe327", 50,
-                url=UPSTREAM + "beauty.txt", bundled=True),
-        Dataset("yelp", "yelp.txt.zip", "136842233ea273d82f23ceb0dd0cb5207bd0e449", 50,
-                url=UPSTREAM + "yelp.txt.zip"),
+        Dataset(
+            "ml-1m", "ml-1m.txt", "9ab8e3edb8742f8d8cc4911e3dee25e82a6fcc24", 200, url=UPSTREAM + "ml-1m.txt"
+        ),
+        Dataset(
+            "ml-20m",
+            "ml-20m.txt.zip",
+            "0d5275e9474179c96f1d3ed75d273f9de269f52a",
+            200,
+            hidden=256,
+            url=UPSTREAM + "ml-20m.txt.zip",
+        ),
+        Dataset(
+            "steam",
+            "steam.txt.zip",
+            "66ebaeb12e06e92e7351e073242da3eda227d389",
+            50,
+            url=UPSTREAM + "steam.txt.zip",
+        ),
+        Dataset(
+            "beauty",
+            "beauty.txt",
+            "16718a33ebdb33504f257421b18ae8bf3ddfe327",
+            50,
+            url=UPSTREAM + "beauty.txt",
+            bundled=True,
+        ),
+        Dataset(
+            "yelp",
+            "yelp.txt.zip",
+            "136842233ea273d82f23ceb0dd0cb5207bd0e449",
+            50,
+            url=UPSTREAM + "yelp.txt.zip",
+        ),
         # Small generated data with a planted pattern, for tests and the smoke sweep.
         Dataset("synthetic-chains", "synthetic-chains.txt", None, 20, generate=_synthetic("chains")),
-        Dataset("synthetic-shuffled", "synthetic-shuffled.txt", None, 20,
-                generate=_synthetic("shuffled")),
-        Dataset("synthetic-clusters", "synthetic-clusters.txt", None, 20,
-                generate=_synthetic("clusters")),
+        Dataset("synthetic-shuffled", "synthetic-shuffled.txt", None, 20, generate=_synthetic("shuffled")),
+        Dataset("synthetic-clusters", "synthetic-clusters.txt", None, 20, generate=_synthetic("clusters")),
     ]
 }
 
@@ -100,7 +122,9 @@ def get_dataset(name: str) -> Dataset:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise UserError(f"unknown dataset {name!r} (known: {', '.join(REGISTRY)}, or a path to a .txt file)") from None
+        raise UserError(
+            f"unknown dataset {name!r} (known: {', '.join(REGISTRY)}, or a path to a .txt file)"
+        ) from None
 
 
 def default_data_dir() -> Path:
@@ -132,7 +156,8 @@ def _verify(ds: Dataset, data: bytes, where: str) -> None:
     if ds.git_blob is not None and git_blob_id(data) != ds.git_blob:
         raise UserError(
             f"{where}: checksum mismatch for dataset {ds.name!r} "
-            f"(git blob {git_blob_id(data)}, expected {ds.git_blob}); the file is corrupt or not the upstream one"
+            f"(git blob {git_blob_id(data)}, expected {ds.git_blob}); the file is corrupt or not the "
+            "upstream one"
         )
 
 
@@ -221,29 +246,41 @@ def parse_interactions(text: bytes, where: str) -> pd.DataFrame:
     try:
         with warnings.catch_warnings():  # pandas warns before it refuses "inf" or "1e30": one line, ours
             warnings.simplefilter("ignore", RuntimeWarning)
-            frame = pd.read_csv(io.BytesIO(text), sep=" ", header=None, names=["user_id", "item_id"],
-                                dtype="int64", engine="c", skip_blank_lines=False)
+            frame = pd.read_csv(
+                io.BytesIO(text),
+                sep=" ",
+                header=None,
+                names=["user_id", "item_id"],
+                dtype="int64",
+                engine="c",
+                skip_blank_lines=False,
+            )
     except (ValueError, OverflowError, pd.errors.ParserError):
         raise _first_bad_line(text, where) from None
     if frame.isna().any().any():
         raise _first_bad_line(text, where)
     bad = np.flatnonzero((frame["user_id"].to_numpy() < 1) | (frame["item_id"].to_numpy() < 1))
     if len(bad):
-        raise UserError(f"{where}, line {bad[0] + 1}: ids must be positive (1-based), got "
-                        f"{frame.iloc[bad[0]].tolist()}")
+        raise UserError(
+            f"{where}, line {bad[0] + 1}: ids must be positive (1-based), got {frame.iloc[bad[0]].tolist()}"
+        )
     items = frame["item_id"].to_numpy()
     distinct = len(np.unique(items))
     if items.max() > MAX_ID_SPREAD * distinct + 1000:
-        raise UserError(f"{where}: item ids run up to {items.max():,} for {distinct:,} distinct items; ids must be "
-                        "1-based and nearly contiguous (renumber them 1..n): the model holds a row per id")
+        raise UserError(
+            f"{where}: item ids run up to {items.max():,} for {distinct:,} distinct items; ids must be "
+            "1-based and nearly contiguous (renumber them 1..n): the model holds a row per id"
+        )
     users = frame["user_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     if len(starts) != len(np.unique(users)):
         # A user whose lines are split: the second run of that user is the offending line.
         _, first_run = np.unique(users[starts], return_index=True)
         repeated = np.setdiff1d(np.arange(len(starts)), first_run).min()
-        raise UserError(f"{where}, line {starts[repeated] + 1}: user {users[starts[repeated]]} "
-                        "appears again after other users; a user's lines must be adjacent and in time order")
+        raise UserError(
+            f"{where}, line {starts[repeated] + 1}: user {users[starts[repeated]]} "
+            "appears again after other users; a user's lines must be adjacent and in time order"
+        )
     return frame
 
 
@@ -259,7 +296,10 @@ def load_interactions(name: str, data_dir: Path | None = None, mirror: Path | No
         try:
             return pd.read_parquet(cache)
         except (OSError, ValueError) as exc:  # a damaged cache is rebuilt from its verified source
-            print(f"raysweep: {cache}: unreadable cache ({str(exc).splitlines()[0]}); rebuilding it", file=sys.stderr)
+            print(
+                f"raysweep: {cache}: unreadable cache ({str(exc).splitlines()[0]}); rebuilding it",
+                file=sys.stderr,
+            )
     text, source = _raw_text(ds, data_dir, mirror)
     frame = parse_interactions(text, source)
     atomic_write(cache, lambda tmp: frame.to_parquet(tmp, index=False))
@@ -269,8 +309,13 @@ def load_interactions(name: str, data_dir: Path | None = None, mirror: Path | No
 def table1(frame: pd.DataFrame) -> dict[str, float]:
     """The paper's Table 1 columns for one dataset."""
     users, items, n = frame["user_id"].nunique(), frame["item_id"].nunique(), len(frame)
-    return {"users": users, "items": items, "interactions": n,
-            "avg_len": n / users, "density": n / (users * items)}
+    return {
+        "users": users,
+        "items": items,
+        "interactions": n,
+        "avg_len": n / users,
+        "density": n / (users * items),
+    }
 
 
 @cli

@@ -1,9 +1,10 @@
 """One-line user errors: every bad input ends as `error: <what and where>` and exit status 2."""
+
 from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class UserError(Exception):

@@ -7,6 +7,7 @@ real crash would hurt. Inert unless a test sets them.
 - Trial: the trial setting `extra: {kill_at_epoch: E}` SIGKILLs the trial's process at
   epoch E on its first attempt; `extra: {raise_at_epoch: E}` raises there on every attempt.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,14 +5,15 @@ started; on the CPU it is the process's peak resident set size above its size at
 (Linux resets the peak through /proc/self/clear_refs, so a worker process that ran an earlier
 trial does not carry that trial's peak over; elsewhere the lifetime peak is all there is).
 """
+
 from __future__ import annotations
 
 import os
 import re
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -60,18 +61,31 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def training_bytes(model: str, loss: str | None, negatives: int | None, hidden: int, blocks: int, heads: int,
-                   max_len: int, batch_size: int, factors: int, num_users: int, num_items: int) -> int:
+def training_bytes(
+    model: str,
+    loss: str | None,
+    negatives: int | None,
+    hidden: int,
+    blocks: int,
+    heads: int,
+    max_len: int,
+    batch_size: int,
+    factors: int,
+    num_users: int,
+    num_items: int,
+) -> int:
     """A low estimate of the memory a trial needs (bytes): the on-device sequences, the weights
     with their gradients and Adam's two moments (16 bytes a parameter), and one step's largest
     activations. A trial whose estimate exceeds its device's memory cannot run at all."""
     if model == "bpr":
         return (num_users + num_items) * factors * 4 * 3  # user and item factors, and the scores of a chunk
     sequences = 8 * num_users * (3 * max_len + 1)  # int64 training windows, validation and test inputs
-    parameters = (num_items + 2) * hidden + max_len * hidden + blocks * (6 * hidden * hidden + 2 * 256 * hidden)
+    parameters = (
+        (num_items + 2) * hidden + max_len * hidden + blocks * (6 * hidden * hidden + 2 * 256 * hidden)
+    )
     activations = batch_size * max_len * hidden * blocks * 4 * 8
     if model != "gru4rec":
         activations += batch_size * heads * max_len * max_len * blocks * 4 * 2  # attention scores and softmax
-    if loss == "sampled_ce":
+    if loss in ("sampled_ce", "gbce"):
         activations += batch_size * max_len * (negatives or 0) * 4 * 2  # [B, L, N] logits and their gradient
     return sequences + 16 * parameters + activations

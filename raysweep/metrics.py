@@ -8,30 +8,39 @@ NaN or infinity (a diverged model never looks perfect). Scores are fp32 and whol
 users are ranked with one masked matrix product each: no per-user Python loop. The ranks
 themselves are kept (`rank_users`), so every metric at any k can be recomputed from them.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from raysweep.devices import EVAL_CHUNK_USERS, knob
 
 KS = (10, 100)
 METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg", "mrr"))
 
 
-def seen_mask_indices(items: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def seen_mask_indices(
+    items: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, item) pairs of each user's seen items: items[starts[r] : starts[r] + lengths[r]]."""
     total = int(lengths.sum())
-    rows = torch.repeat_interleave(torch.arange(len(lengths), device=items.device), lengths, output_size=total)
+    rows = torch.repeat_interleave(
+        torch.arange(len(lengths), device=items.device), lengths, output_size=total
+    )
     first = torch.cumsum(lengths, 0) - lengths
     offset = torch.arange(total, device=items.device) - first[rows]
     return rows, items[starts[rows] + offset]
 
 
-def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen_rows: torch.Tensor,
-                 seen_items: torch.Tensor) -> torch.Tensor:
+def rank_targets(
+    scores: torch.Tensor, targets: torch.Tensor, seen_rows: torch.Tensor, seen_items: torch.Tensor
+) -> torch.Tensor:
     """0-based rank of each target among the unseen items; a miss (the target seen before, or a
-    row with a NaN score or a target scored +-inf) gets len(scores[0]), the catalogue's size."""
+    row with a NaN score or a target scored +-inf) gets `miss_rank`: the catalogue's size, at
+    least the largest k, so that it is never a hit."""
     scores = scores.float().clone()
     rows = torch.arange(len(targets), device=scores.device)
     target_seen = torch.zeros(len(targets), dtype=torch.bool, device=scores.device)
@@ -43,7 +52,11 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen_rows: torch.T
     scores[:, 0] = float("-inf")
     # Higher plus tied, in one pass; the target ties with itself.
     rank = (scores >= target_score[:, None]).sum(1) - 1
-    return torch.where(target_seen | broken, torch.full_like(rank, scores.shape[1]), rank)
+    return torch.where(target_seen | broken, torch.full_like(rank, miss_rank(scores.shape[1])), rank)
+
+
+def miss_rank(catalogue: int) -> int:
+    return max(catalogue, max(KS))
 
 
 def metrics_from_ranks(rank: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -63,27 +76,21 @@ def mean_metrics(rank: torch.Tensor | np.ndarray) -> dict[str, float]:
     return {name: float(values.mean()) for name, values in metrics_from_ranks(rank).items()}
 
 
-# Users ranked at once. On a GPU many, for few kernel launches; on the CPU few, so that a
-# chunk's [chunk, items] scores stay in the cache through the masking and counting passes.
-CHUNK_USERS = {"cuda": 1024, "cpu": 32}
-
-
-def rank_users(score: Callable[[torch.Tensor], torch.Tensor], users: torch.Tensor, targets: torch.Tensor,
-               items: torch.Tensor, starts: torch.Tensor, seen_lengths: torch.Tensor,
-               chunk: int | None = None) -> torch.Tensor:
+def rank_users(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    users: torch.Tensor,
+    targets: torch.Tensor,
+    items: torch.Tensor,
+    starts: torch.Tensor,
+    seen_lengths: torch.Tensor,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Each user's target rank (int32, on the CPU); score(user_chunk) returns fp32 scores
     [chunk, num_items + 1]."""
-    chunk = chunk or CHUNK_USERS.get(users.device.type, 1024)
+    chunk = chunk or knob(EVAL_CHUNK_USERS, users.device)
     ranks = []
     for begin in range(0, len(users), chunk):
         u = users[begin : begin + chunk]
         rows, seen = seen_mask_indices(items, starts[u], seen_lengths[u])
         ranks.append(rank_targets(score(u), targets[u], rows, seen).to(torch.int32))
     return torch.cat(ranks).cpu() if ranks else torch.zeros(0, dtype=torch.int32)
-
-
-def evaluate(score: Callable[[torch.Tensor], torch.Tensor], users: torch.Tensor, targets: torch.Tensor,
-             items: torch.Tensor, starts: torch.Tensor, seen_lengths: torch.Tensor,
-             chunk: int | None = None) -> dict[str, float]:
-    """Mean metrics over `users` (see `rank_users`)."""
-    return mean_metrics(rank_users(score, users, targets, items, starts, seen_lengths, chunk))

@@ -4,6 +4,7 @@ Leave-one-out as in the paper's code: a user's last item is the test target, the
 second-to-last the validation target, the rest trains. The test input is the whole history
 before the last item (validation item included; the model is not retrained on it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ def leave_one_out(frame: pd.DataFrame, name: str = "dataset") -> Split:
     lengths = np.diff(offsets)
     if lengths.min() < 3:
         short = users[starts[np.argmin(lengths)]]
-        raise UserError(f"{name}: user {short} has {lengths.min()} interactions; leave-one-out needs at least 3")
+        raise UserError(
+            f"{name}: user {short} has {lengths.min()} interactions; leave-one-out needs at least 3"
+        )
     items = frame["item_id"].to_numpy().astype(np.int64)
     return Split(items=items, offsets=offsets, num_items=int(items.max()))
 

@@ -9,6 +9,7 @@
 - `clusters`: users belong to groups that each own a few items, seen in random order: no
   order signal, but matrix factorisation sees who likes what (the control for BPR-MF).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,14 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from raysweep import losses
+from raysweep import full_ce
 
 NEEDS_RAY = "the sweep layer's tests need Ray (pip install -e '.[test]'); the core's run without it"
 # The variants that run PyTorch's own chunked CE (F.linear_cross_entropy with options), a code path
-# that PyTorch < 2.13 does not have (the GPU image's 2.11): there losses uses _ChunkedCE, which the
-# other variant of each test checks. CI's torch 2.13 runs both.
-NEEDS_TORCH_CE = pytest.mark.skipif(not losses.TORCH_CHUNKED_CE,
-                                    reason="this PyTorch has no F.linear_cross_entropy options (torch < 2.13)")
+# that PyTorch < 2.13 does not have: there full CE runs raysweep's ChunkedCE, which the other
+# variant of each test checks. CI's torch 2.13 runs both.
+NEEDS_TORCH_CE = pytest.mark.skipif(
+    full_ce.DEFAULT_BACKEND != "torch",
+    reason="this PyTorch has no F.linear_cross_entropy options (torch < 2.13)",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +56,10 @@ def ml1m(data_env):
     try:
         return load_interactions("ml-1m")
     except UserError as exc:
-        pytest.skip(f"ML-1M is not available ({exc}): set RAYSWEEP_MIRROR to a folder holding ml-1m.txt(.gz), "
-                    "or run the tests with internet access")
+        pytest.skip(
+            f"ML-1M is not available ({exc}): set RAYSWEEP_MIRROR to a folder holding ml-1m.txt(.gz), "
+            "or run the tests with internet access"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -79,7 +83,9 @@ def ray_cluster():
     ray = pytest.importorskip("ray", reason=NEEDS_RAY)
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False}
+    )
     worker = cluster.add_node(num_cpus=2, resources={"worker_node": 2})
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()

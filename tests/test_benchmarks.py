@@ -1,4 +1,5 @@
 """The one-card Table 2 runner (benchmarks/one_card.py), on synthetic data on the CPU."""
+
 import json
 import signal
 import subprocess
@@ -6,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-
 from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,9 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_one_card_runs_the_grid_records_failures_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "one_card.py"), str(ROOT / "sweeps" / "table2.yaml"),
-           "--datasets", "synthetic-chains",
-           "--max-epochs", "1", "--concurrent", "2", "--device", "cpu", "--out", str(run_dir)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "one_card.py"),
+        str(ROOT / "sweeps" / "table2.yaml"),
+        "--datasets",
+        "synthetic-chains",
+        "--max-epochs",
+        "1",
+        "--concurrent",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(run_dir),
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     results = pd.read_parquet(run_dir / "results.parquet").set_index("label")
@@ -25,7 +37,9 @@ def test_one_card_runs_the_grid_records_failures_and_resumes(tmp_path):
     assert (results.index == "BPR-MF").sum() == 5
     results = results[~results.index.duplicated()]
     # synthetic-chains has 300 items: N = 3000 cannot be drawn, and that trial alone fails, with the reason.
-    assert sorted(results.index) == sorted(["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+", "SASRec+ 3000"])
+    assert sorted(results.index) == sorted(
+        ["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+", "SASRec+ 3000"]
+    )
     assert results.loc["SASRec+ 3000", "status"] == "failed"
     assert "N=3000 negatives is more than the pool allows" in results.loc["SASRec+ 3000", "error"]
     ok = results[results["status"] == "ok"]
@@ -34,7 +48,9 @@ def test_one_card_runs_the_grid_records_failures_and_resumes(tmp_path):
     assert ok.loc["SASRec", "test_ndcg@10"] > 0.5  # one epoch of the planted chains is enough for SASRec
     table = (run_dir / "report" / "table2.md").read_text()
     assert "| SASRec+ | 1 |" in table and "| BPR-MF | 5 |" in table and "## Failed trials" in table
-    finished = {p.parent.name: json.loads(p.read_text())["finished_at"] for p in run_dir.glob("trials/*/result.json")}
+    finished = {
+        p.parent.name: json.loads(p.read_text())["finished_at"] for p in run_dir.glob("trials/*/result.json")
+    }
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -58,9 +74,21 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_one_card_stopped_ends_its_trials_and_reports_the_finished_ones(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "one_card.py"), str(ROOT / "sweeps" / "table2.yaml"),
-           "--datasets", "synthetic-chains", "--max-epochs", "60", "--concurrent", "2", "--device", "cpu",
-           "--out", str(run_dir)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "one_card.py"),
+        str(ROOT / "sweeps" / "table2.yaml"),
+        "--datasets",
+        "synthetic-chains",
+        "--max-epochs",
+        "60",
+        "--concurrent",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(run_dir),
+    ]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:  # the first trial to finish; BERT4Rec (60 epochs) is still running then
@@ -75,7 +103,9 @@ def test_one_card_stopped_ends_its_trials_and_reports_the_finished_ones(tmp_path
     assert not _processes_mentioning(str(run_dir / "work")), "trial processes outlived the stop"
     done = pd.read_parquet(run_dir / "results.parquet")
     assert len(done) >= 1 and (done["status"] == "ok").all()
-    first_done = lines[-1].split("synthetic-chains ", 1)[1].split(":")[0]  # "[one_card] done  DATASET LABEL: ..."
+    first_done = (
+        lines[-1].split("synthetic-chains ", 1)[1].split(":")[0]
+    )  # "[one_card] done  DATASET LABEL: ..."
     assert f"| {first_done} | 1 |" in (run_dir / "report" / "table2.md").read_text()
 
 

@@ -1,9 +1,9 @@
 """cluster.yaml passes Ray's own cluster-config validation and keeps the cluster closed."""
+
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import NEEDS_RAY
 
 pytest.importorskip("ray", reason=NEEDS_RAY)

@@ -32,15 +32,21 @@ def test_ml1m_matches_table1(ml1m):
 
 
 def test_stats_command_prints_table1(ml1m):
-    out = subprocess.run([sys.executable, "-m", "raysweep.data", "stats", "ml-1m", "beauty"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "raysweep.data", "stats", "ml-1m", "beauty"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "999611" in out and "353962" in out and "165.49" in out and "8.79" in out
 
 
 def test_git_blob_id_matches_git(tmp_path):
     path = tmp_path / "f.txt"
     path.write_bytes(b"1 2\n1 3\n")
-    expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout
+    expected = subprocess.run(
+        ["git", "hash-object", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     assert data.git_blob_id(path.read_bytes()) == expected.strip()
 
 
@@ -51,16 +57,19 @@ def test_cache_is_parquet_and_reused(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("text, message", [
-    (b"", "empty file"),
-    (b"1 2\n1 3\n1 x\n", "line 3"),
-    (b"1 2\n1 3 4\n", "line 2"),
-    (b"1 2\n1\t3\n", "line 2"),
-    (b"1 2\n1 2.5\n", "line 2"),
-    (b"1 2\n1 inf\n", "line 2"),
-    (b"1 2\n0 3\n", "line 2: ids must be positive"),
-    (b"1 2\n2 3\n1 4\n", "line 3: user 1 appears again"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"", "empty file"),
+        (b"1 2\n1 3\n1 x\n", "line 3"),
+        (b"1 2\n1 3 4\n", "line 2"),
+        (b"1 2\n1\t3\n", "line 2"),
+        (b"1 2\n1 2.5\n", "line 2"),
+        (b"1 2\n1 inf\n", "line 2"),
+        (b"1 2\n0 3\n", "line 2: ids must be positive"),
+        (b"1 2\n2 3\n1 4\n", "line 3: user 1 appears again"),
+    ],
+)
 def test_malformed_file_names_the_line(text, message):
     with pytest.raises(UserError, match=message) as info:
         data.parse_interactions(text, "some/file.txt")
@@ -100,7 +109,9 @@ def test_download_verifies_and_caches(tmp_path, monkeypatch):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/beauty.txt"
         monkeypatch.setitem(data.REGISTRY, "beauty", replace(data.REGISTRY["beauty"], url=url, bundled=False))
-        frame = data.load_interactions("beauty", data_dir=tmp_path / "cache", mirror=tmp_path / "empty-mirror")
+        frame = data.load_interactions(
+            "beauty", data_dir=tmp_path / "cache", mirror=tmp_path / "empty-mirror"
+        )
         assert len(frame) == 353_962
         assert (tmp_path / "cache" / "beauty" / "beauty.txt").read_bytes() == BEAUTY_TEXT
 
@@ -108,7 +119,9 @@ def test_download_verifies_and_caches(tmp_path, monkeypatch):
         (served / "beauty.txt").write_bytes(BEAUTY_TEXT.replace(b"1 2\n", b"1 3\n", 1))
         with pytest.raises(UserError, match="checksum mismatch"):
             data.load_interactions("beauty", data_dir=tmp_path / "cache2", mirror=tmp_path / "empty-mirror")
-        assert not (tmp_path / "cache2").exists() or not any(p.is_file() for p in (tmp_path / "cache2").rglob("*"))
+        assert not (tmp_path / "cache2").exists() or not any(
+            p.is_file() for p in (tmp_path / "cache2").rglob("*")
+        )
     finally:
         server.shutdown()
 
@@ -133,15 +146,22 @@ def test_corrupt_mirror_copy_is_refused(tmp_path):
 
 
 def test_cli_bad_input_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "raysweep.data", "stats", "nope"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "raysweep.data", "stats", "nope"], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown dataset 'nope' (known: " + ", ".join(data.REGISTRY) + ", or a path to a .txt file)"]
+        "error: unknown dataset 'nope' (known: " + ", ".join(data.REGISTRY) + ", or a path to a .txt file)"
+    ]
     # A value pandas casts with a warning before refusing it: still the one line.
     (tmp_path / "mine.txt").write_text("1 2\n1 1e30\n")
-    result = subprocess.run([sys.executable, "-m", "raysweep.data", "stats", str(tmp_path / "mine.txt")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "raysweep.data", "stats", str(tmp_path / "mine.txt")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'mine.txt'}, line 2: expected 'user_id item_id' (two positive integers below 10^18 "
-        "separated by one space), got '1 1e30'"]
+        f"error: {tmp_path / 'mine.txt'}, line 2: expected 'user_id item_id' "
+        "(two positive integers below 10^18 separated by one space), got '1 1e30'"
+    ]

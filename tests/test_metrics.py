@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from raysweep.metrics import KS, evaluate
+from raysweep.metrics import KS, mean_metrics, rank_users
 
 
 def _reference(scores, targets, seen_lists):
@@ -39,8 +39,10 @@ def test_evaluator_matches_float64_loop():
     lengths = torch.as_tensor([len(h) for h in histories])
     starts = torch.cumsum(lengths, 0) - lengths
     scores_t = torch.as_tensor(scores)
-    got = evaluate(lambda u: scores_t[u], torch.arange(users), torch.as_tensor(targets), flat, starts, lengths,
-                   chunk=64)
+    ranks = rank_users(
+        lambda u: scores_t[u], torch.arange(users), torch.as_tensor(targets), flat, starts, lengths, chunk=64
+    )
+    got = mean_metrics(ranks)
     want = _reference(scores, targets, [set(h.tolist()) for h in histories])
     for name in want:
         assert abs(got[name] - want[name]) < 1e-6, name

@@ -3,24 +3,28 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import NEEDS_TORCH_CE, load_benchmark
-from raysweep import trainer
+
+from raysweep import devices, graphs, trainer
 from raysweep.config import TrialConfig
 from raysweep.data import load_interactions
 from raysweep.errors import UserError
+from raysweep.evaluation import evaluate_split
 from raysweep.models import build_model
 from raysweep.split import leave_one_out, sequence_data
-
 
 dispatched = load_benchmark("speed").dispatched  # every op a run dispatches, with its argument shapes
 
 
 def _setup(**settings):
-    cfg = TrialConfig.from_dict({**dict(dataset="synthetic-chains", loss="ce", hidden=16, val_users=100), **settings})
+    cfg = TrialConfig.from_dict(
+        {**dict(dataset="synthetic-chains", loss="ce", hidden=16, val_users=100), **settings}
+    )
     data = sequence_data(leave_one_out(load_interactions(cfg.dataset)), cfg.max_len)
     torch.manual_seed(0)
-    model = build_model(cfg.model, data.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.max_len, cfg.dropout)
+    model = build_model(
+        cfg.model, data.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.max_len, cfg.dropout
+    )
     return cfg, data, model
 
 
@@ -56,10 +60,8 @@ def test_resume_continues_exactly(monkeypatch):
             saved.update(state())
             raise KeyboardInterrupt
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trainer.fit(model2, cfg2, data2, torch.device("cpu"), stop_after_two)
-    except KeyboardInterrupt:
-        pass
     cfg3, data3, model3 = _setup(max_epochs=4, patience=10)
     resumed = trainer.fit(model3, cfg3, data3, torch.device("cpu"), resume=saved)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
@@ -67,9 +69,9 @@ def test_resume_continues_exactly(monkeypatch):
 
 
 def _fixed_loss(net, cfg, data, batch, generator, rng):
-    host = trainer.fixed_inputs(cfg, data, batch, rng)
+    host = graphs.fixed_inputs(cfg, data, batch, rng)
     tensors = [None if a is None else torch.as_tensor(a) for a in (host.positions, host.bert_mask)]
-    return trainer.fixed_batch_loss(net, cfg, data, torch.as_tensor(host.users), generator, *tensors)
+    return graphs.fixed_batch_loss(net, cfg, data, torch.as_tensor(host.users), generator, *tensors)
 
 
 @pytest.mark.parametrize("model", ["sasrec", "gru4rec", "bert4rec"])
@@ -81,8 +83,15 @@ def test_the_fixed_shape_loss_equals_the_trimmed_one(model):
     cfg, data, net = _setup(model=model)  # full CE (BERT4Rec: on its masked positions)
     net.eval()
     batch = np.arange(128)
-    trimmed = trainer.batch_loss(net, cfg, data, torch.as_tensor(batch), data.train_lengths_host[batch],
-                                 torch.Generator(), np.random.default_rng(0))
+    trimmed = trainer.batch_loss(
+        net,
+        cfg,
+        data,
+        torch.as_tensor(batch),
+        data.train_lengths_host[batch],
+        torch.Generator(),
+        np.random.default_rng(0),
+    )
     fixed = _fixed_loss(net, cfg, data, batch, torch.Generator(), np.random.default_rng(0))
     assert abs(float(fixed.detach()) - float(trimmed.detach())) <= 1e-6 * abs(float(trimmed.detach()))
 
@@ -90,22 +99,27 @@ def test_the_fixed_shape_loss_equals_the_trimmed_one(model):
 def test_fixed_positions_are_padded_to_few_bucket_sizes():
     import numpy as np
 
-    assert [trainer._bucket(n) for n in (1, 256, 257, 740, 1025, 25_600)] == [256, 256, 512, 768, 1280, 28_672]
+    assert [graphs.bucket(n) for n in (1, 256, 257, 740, 1025, 25_600)] == [256, 256, 512, 768, 1280, 28_672]
     cfg, data, _ = _setup()
-    host = trainer.fixed_inputs(cfg, data, np.arange(128), np.random.default_rng(0))
+    host = graphs.fixed_inputs(cfg, data, np.arange(128), np.random.default_rng(0))
     real = int(np.maximum(data.train_lengths_host[:128] - 1, 0).sum())
-    assert len(host.positions) == trainer._bucket(real)
-    assert (host.positions[real:] == 128 * data.max_len).all() and (host.positions[:real] < 128 * data.max_len).all()
+    assert len(host.positions) == graphs.bucket(real)
+    assert (host.positions[real:] == 128 * data.max_len).all() and (
+        host.positions[:real] < 128 * data.max_len
+    ).all()
 
 
-@pytest.mark.parametrize("model, loss, negatives, epochs", [("sasrec", "sampled_ce", 30, 6), ("sasrec", "bce", None, 8),
-                                                            ("bert4rec", None, None, 30)])
+@pytest.mark.parametrize(
+    "model, loss, negatives, epochs",
+    [("sasrec", "sampled_ce", 30, 6), ("sasrec", "bce", None, 8), ("bert4rec", None, None, 30)],
+)
 def test_the_fixed_shape_step_learns_the_planted_order(model, loss, negatives, epochs):
     """The step cuda_graphs captures, run eagerly here (negatives drawn on the device)."""
     import numpy as np
 
-    cfg = TrialConfig.from_dict(dict(dataset="synthetic-chains", model=model, loss=loss, negatives=negatives,
-                                     hidden=32, lr=5e-3))
+    cfg = TrialConfig.from_dict(
+        dict(dataset="synthetic-chains", model=model, loss=loss, negatives=negatives, hidden=32, lr=5e-3)
+    )
     data = sequence_data(leave_one_out(load_interactions(cfg.dataset)), cfg.max_len)
     torch.manual_seed(0)
     net = build_model(cfg.model, data.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.max_len, cfg.dropout)
@@ -117,14 +131,26 @@ def test_the_fixed_shape_step_learns_the_planted_order(model, loss, negatives, e
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    test = trainer.evaluate_split(net, cfg, data, "test", torch.arange(data.num_users), contextlib.nullcontext)
+    test = evaluate_split(net, cfg, data, "test", torch.arange(data.num_users), contextlib.nullcontext)
     assert test["ndcg@10"] >= 0.8
 
 
 # Ops that make the host wait for a GPU: they read a value or a data-dependent size back
 # (`.item()` is _local_scalar_dense; indexing by a boolean mask runs nonzero inside the kernel).
-SYNCING_OPS = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-               "_local_scalar_dense", "is_nonzero", "equal", "repeat_interleave", "bincount", "histc"}
+SYNCING_OPS = {
+    "nonzero",
+    "masked_select",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "_local_scalar_dense",
+    "is_nonzero",
+    "equal",
+    "repeat_interleave",
+    "bincount",
+    "histc",
+}
 INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
@@ -138,24 +164,37 @@ def _syncing_ops(run) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("model, loss, negatives, torch_chunked", [
-    ("sasrec", "ce", None, False), pytest.param("sasrec", "ce", None, True, marks=NEEDS_TORCH_CE),
-    ("sasrec", "sampled_ce", 30, False), ("sasrec", "bce", None, False), ("bert4rec", None, None, False),
-    pytest.param("bert4rec", None, None, True, marks=NEEDS_TORCH_CE), ("gru4rec", "ce", None, False),
-    pytest.param("gru4rec", "ce", None, True, marks=NEEDS_TORCH_CE)])  # full CE: raysweep's and PyTorch's
-def test_the_training_step_dispatches_nothing_that_waits_for_a_gpu(model, loss, negatives, torch_chunked, monkeypatch):
+@pytest.mark.parametrize(
+    "model, loss, negatives, backend",
+    [
+        ("sasrec", "ce", None, "raysweep"),
+        pytest.param("sasrec", "ce", None, "torch", marks=NEEDS_TORCH_CE),
+        ("sasrec", "sampled_ce", 30, "raysweep"),
+        ("sasrec", "bce", None, "raysweep"),
+        ("bert4rec", None, None, "raysweep"),
+        pytest.param("bert4rec", None, None, "torch", marks=NEEDS_TORCH_CE),
+        ("gru4rec", "ce", None, "raysweep"),
+        pytest.param("gru4rec", "ce", None, "torch", marks=NEEDS_TORCH_CE),
+    ],
+)  # full CE: raysweep's and PyTorch's
+def test_the_training_step_dispatches_nothing_that_waits_for_a_gpu(model, loss, negatives, backend):
     """The CPU's view of the GPU test `test_training_step_has_no_device_to_host_sync`, for every CI
     run: the eager step (loss, backward, fused Adam) and the fixed-shape step that cuda_graphs
     captures dispatch no op that reads the device back. (Host-to-GPU copies are the GPU test's.)"""
     import numpy as np
 
-    from raysweep import losses
-
-    monkeypatch.setattr(losses, "TORCH_CHUNKED_CE", torch_chunked)
-    cfg, data, net = _setup(model=model, loss=loss, negatives=negatives)
+    cfg, data, net = _setup(model=model, loss=loss, negatives=negatives, ce_backend=backend)
     device, rng, generator = torch.device("cpu"), np.random.default_rng(0), torch.Generator().manual_seed(0)
-    step = trainer.make_step(net, trainer.make_optimizer(net, cfg, device), cfg, data, device, generator, rng,
-                             contextlib.nullcontext)
+    step = trainer.make_step(
+        net,
+        trainer.make_optimizer(net, cfg, device),
+        cfg,
+        data,
+        device,
+        generator,
+        rng,
+        contextlib.nullcontext,
+    )
     batch = np.arange(cfg.batch_size)
     step(batch)  # Adam's state is created at the first step
     assert _syncing_ops(lambda: step(batch)) == []
@@ -164,12 +203,22 @@ def test_the_training_step_dispatches_nothing_that_waits_for_a_gpu(model, loss, 
 
 def test_the_sync_check_sees_a_boolean_mask_and_an_item():
     values = torch.arange(6.0)
-    assert _syncing_ops(lambda: values[values > 2].sum().item()) == ["index (boolean mask)", "_local_scalar_dense"]
+    assert _syncing_ops(lambda: values[values > 2].sum().item()) == [
+        "index (boolean mask)",
+        "_local_scalar_dense",
+    ]
 
 
-@pytest.mark.parametrize("model, loss, negatives", [("sasrec", "ce", None), ("sasrec", "sampled_ce", 100),
-                                                    ("sasrec", "bce", None), ("bert4rec", None, None),
-                                                    ("gru4rec", "ce", None)])
+@pytest.mark.parametrize(
+    "model, loss, negatives",
+    [
+        ("sasrec", "ce", None),
+        ("sasrec", "sampled_ce", 100),
+        ("sasrec", "bce", None),
+        ("bert4rec", None, None),
+        ("gru4rec", "ce", None),
+    ],
+)
 def test_the_fixed_shape_step_is_one_program_for_every_batch_of_a_bucket(model, loss, negatives):
     """What lets cuda_graphs replay one captured step for other batches: on Beauty's batches of
     unequal lengths, every op of the fixed-shape loss and its backward gets the same shapes and
@@ -181,31 +230,43 @@ def test_the_fixed_shape_step_is_one_program_for_every_batch_of_a_bucket(model, 
     batches = trainer.epoch_batches(rng.permutation(data.num_users), cfg.batch_size)[:8]
     buckets = {}
     for batch in batches:
-        positions = trainer.fixed_inputs(cfg, data, batch, np.random.default_rng(0)).positions
+        positions = graphs.fixed_inputs(cfg, data, batch, np.random.default_rng(0)).positions
         buckets.setdefault(0 if positions is None else len(positions), []).append(batch)
     first, second = max(buckets.values(), key=len)[:2]
 
     def fixed(batch):
         net.zero_grad(set_to_none=True)  # (else the second backward accumulates: other ops)
-        return dispatched(lambda: _fixed_loss(net, cfg, data, batch, generator, np.random.default_rng(0)).backward())
+        return dispatched(
+            lambda: _fixed_loss(net, cfg, data, batch, generator, np.random.default_rng(0)).backward()
+        )
 
     def eager(batch):
         net.zero_grad(set_to_none=True)
         lengths = data.train_lengths_host[batch]
-        return dispatched(lambda: trainer.batch_loss(net, cfg, data, torch.as_tensor(batch), lengths, generator,
-                                                      np.random.default_rng(0)).backward())
+        return dispatched(
+            lambda: trainer.batch_loss(
+                net, cfg, data, torch.as_tensor(batch), lengths, generator, np.random.default_rng(0)
+            ).backward()
+        )
 
     assert fixed(first) == fixed(second)
     assert eager(first) != eager(second)  # trimmed to each batch's own lengths: the check can tell
 
 
-@pytest.mark.parametrize("bf16_units, amp, expected", [((), True, False), (("avx512_bf16",), True, True),
-                                                      (("amx_tile",), True, True), (("avx512_bf16",), False, False)])
+@pytest.mark.parametrize(
+    "bf16_units, amp, expected",
+    [
+        ((), True, False),
+        (("avx512_bf16",), True, True),
+        (("amx_tile",), True, True),
+        (("avx512_bf16",), False, False),
+    ],
+)
 def test_cpu_autocast_only_where_the_cpu_has_bf16_and_amp_is_on(bf16_units, amp, expected, monkeypatch):
     for unit in ("avx512_bf16", "amx_tile"):
         monkeypatch.setattr(torch.cpu, f"_is_{unit}_supported", lambda unit=unit: unit in bf16_units)
     cfg, _, _ = _setup(amp=amp)
-    with trainer.autocast_for(cfg, torch.device("cpu"))():
+    with devices.autocast_for(cfg.amp, torch.device("cpu"))():
         assert torch.is_autocast_enabled("cpu") == expected
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if expected else torch.float32)
 

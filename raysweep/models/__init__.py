@@ -1,6 +1,7 @@
 """Sequence encoders. Each maps item ids [B, T] to hidden states [B, T, d]; scores are
-hidden states times the tied item-embedding matrix (`model.item_emb.weight[: num_items + 1]`).
+hidden states times the tied item-embedding matrix (`model.item_weights()`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,11 +11,10 @@ from raysweep.models.bert4rec import BERT4Rec
 from raysweep.models.gru4rec import GRU4Rec
 from raysweep.models.sasrec import SASRec
 
-SEQUENTIAL_MODELS = ("sasrec", "bert4rec", "gru4rec")
 
-
-def build_model(name: str, num_items: int, hidden: int, blocks: int, heads: int, max_len: int,
-                dropout: float) -> nn.Module:
+def build_model(
+    name: str, num_items: int, hidden: int, blocks: int, heads: int, max_len: int, dropout: float
+) -> nn.Module:
     if name == "sasrec":
         return SASRec(num_items, hidden, blocks, heads, max_len, dropout)
     if name == "bert4rec":

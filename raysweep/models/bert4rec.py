@@ -4,6 +4,7 @@ Learned positions, embedding LayerNorm + dropout, post-LN blocks with GELU and F
 bidirectional attention over real items only, a [MASK] token (id num_items + 1), item
 embeddings not scaled, tied output with no transform or bias.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,9 @@ class BERTBlock(nn.Module):
         self.attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
         self.attn_dropout = nn.Dropout(dropout)
         self.attn_norm = nn.LayerNorm(hidden, eps=1e-12)
-        self.ffn = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden), nn.Dropout(dropout))
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden), nn.Dropout(dropout)
+        )
         self.ffn_norm = nn.LayerNorm(hidden, eps=1e-12)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
@@ -26,8 +29,16 @@ class BERTBlock(nn.Module):
 
 
 class BERT4Rec(nn.Module):
-    def __init__(self, num_items: int, hidden: int = 64, blocks: int = 2, heads: int = 2,
-                 max_len: int = 200, dropout: float = 0.1, ffn: int = 256):
+    def __init__(
+        self,
+        num_items: int,
+        hidden: int = 64,
+        blocks: int = 2,
+        heads: int = 2,
+        max_len: int = 200,
+        dropout: float = 0.1,
+        ffn: int = 256,
+    ):
         super().__init__()
         from raysweep.models import init_normal
 
@@ -39,6 +50,10 @@ class BERT4Rec(nn.Module):
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(BERTBlock(hidden, heads, ffn, dropout) for _ in range(blocks))
         init_normal(self)
+
+    def item_weights(self) -> torch.Tensor:
+        """The output layer: the tied item embeddings of padding and items 1..num_items."""
+        return self.item_emb.weight[: self.num_items + 1]
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(items.shape[1], device=items.device)

@@ -1,4 +1,5 @@
 """SASRec (Kang & McAuley, 2018) with pmixer's block, as the paper's code builds it."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,13 @@ class SASRecBlock(nn.Module):
         self.attn_norm = nn.LayerNorm(hidden, eps=1e-8)
         self.attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
         self.ffn_norm = nn.LayerNorm(hidden, eps=1e-8)
-        self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.Dropout(dropout), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.Dropout(dropout))
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, hidden),
+            nn.Dropout(dropout),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.Dropout(dropout),
+        )
 
     def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
         q = self.attn_norm(x)
@@ -26,8 +32,15 @@ class SASRecBlock(nn.Module):
 
 
 class SASRec(nn.Module):
-    def __init__(self, num_items: int, hidden: int = 64, blocks: int = 2, heads: int = 1,
-                 max_len: int = 200, dropout: float = 0.1):
+    def __init__(
+        self,
+        num_items: int,
+        hidden: int = 64,
+        blocks: int = 2,
+        heads: int = 1,
+        max_len: int = 200,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         from raysweep.models import init_normal
 
@@ -39,6 +52,10 @@ class SASRec(nn.Module):
         self.final_norm = nn.LayerNorm(hidden, eps=1e-8)
         self.scale = math.sqrt(hidden)
         init_normal(self)
+
+    def item_weights(self) -> torch.Tensor:
+        """The output layer: the tied item embeddings of padding and items 1..num_items."""
+        return self.item_emb.weight[: self.num_items + 1]
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         length = items.shape[1]
