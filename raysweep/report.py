@@ -1,87 +1,312 @@
-"""The paper's Table 2, Figure 1 and Figure 2 from a run directory.
+"""The report of a run directory: the paper's Table 2 with the paper beside every result, paired
+comparisons over users, Figures 1 and 2, and one self-contained page with all of it.
 
-    python -m raysweep.report RUN_DIR
+    python -m raysweep.report RUN_DIR [--rebuild]
 
-writes RUN_DIR/report/: table2.md and table2.csv (per dataset: Model | HR@10 | HR@100 |
-NDCG@10 | NDCG@100 | Training time (s) | Best epoch; mean ± std over seeds), figure2.png
-(test NDCG@10 against N on a log axis, SASRec+, SASRec and BERT4Rec as reference lines) and
-figure1.png (validation NDCG@10 by epoch per model). Only the seeds stage enters Table 2;
-failed trials are listed under it.
+writes RUN_DIR/report/:
+- table2.md: per dataset, each cell ours (mean ± std over seeds) with the paper's value and
+  the relative difference, and a verdict per model ("reproduced": HR@10 and NDCG@10 within
+  5 % of the paper or inside our seeds' range; else "above" / "below"); then the paired
+  comparisons, the failed trials and, for an unfinished sweep, the missing ones;
+- table2.csv: the same numbers as raw columns (ours, std, paper, difference);
+- figure1.png (validation NDCG@10 by epoch), figure2.png (test NDCG@10 against N, with the
+  reference models and the paper's values);
+- index.html: all of the above in one file, with the sweep's progress (the driver rewrites it
+  while the sweep runs).
+
+Only the seeds stage enters Table 2. `--rebuild` first rebuilds results.parquet from the records.
 """
+
 from __future__ import annotations
 
 import argparse
+import base64
+import html
 import io
+import math
 import re
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from raysweep import comparisons as paired
 from raysweep.atomic import atomic_write
 from raysweep.errors import UserError, cli
-from raysweep.results import missing_trials, read_plan, read_results
+from raysweep.paper import CLAIMS, paper_row
+from raysweep.results import missing_trials, read_plan, read_results, write_results
 
 PAPER_ORDER = ["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+"]
-COLUMNS = {"test_hr@10": "HR@10", "test_hr@100": "HR@100", "test_ndcg@10": "NDCG@10",
-           "test_ndcg@100": "NDCG@100", "train_seconds": "Training time (s)", "best_epoch": "Best epoch"}
-REFERENCE_LINES = {"SASRec+": "-", "SASRec": "--", "BERT4Rec": ":"}
+METRICS = [
+    ("test_hr@10", "HR@10", "hr10"),
+    ("test_hr@100", "HR@100", "hr100"),
+    ("test_ndcg@10", "NDCG@10", "ndcg10"),
+    ("test_ndcg@100", "NDCG@100", "ndcg100"),
+]
+OTHERS = [("train_seconds", "Training time (s)", "seconds"), ("best_epoch", "Best epoch", "best_epoch")]
+TOLERANCE = 0.05  # "reproduced": within 5 % of the paper
+REFERENCES = {"SASRec+": ("-", "C1"), "SASRec": ("--", "C2"), "BERT4Rec": (":", "C3")}
 
 
 def _order(label: str) -> tuple:
     if label in PAPER_ORDER:
-        return (PAPER_ORDER.index(label), 0)
+        return (PAPER_ORDER.index(label), 0, "")
     match = re.fullmatch(r"SASRec\+ (\d+)", label)
-    return (len(PAPER_ORDER), int(match.group(1))) if match else (len(PAPER_ORDER) + 1, label)
+    return (len(PAPER_ORDER), int(match.group(1)), "") if match else (len(PAPER_ORDER) + 1, 0, label)
 
 
-def _cell(values: pd.Series, digits: int) -> str:
-    if len(values) == 1 or values.std() == 0 or np.isnan(values.std()):
-        return f"{values.mean():.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+def _table2_rows(results: pd.DataFrame) -> pd.DataFrame:
+    if results.empty:
+        return results
+    return results[(results["status"] == "ok") & results["in_table2"]]
+
+
+def _verdict(group: pd.DataFrame, paper) -> str:
+    """reproduced / above / below / mixed, from HR@10 and NDCG@10 against the paper."""
+    off = []
+    for column, key in (("test_hr@10", "hr10"), ("test_ndcg@10", "ndcg10")):
+        ours, theirs = group[column].astype(float), getattr(paper, key)
+        inside = len(ours) > 1 and ours.min() <= theirs <= ours.max()
+        if abs(ours.mean() / theirs - 1) > TOLERANCE and not inside:
+            off.append(np.sign(ours.mean() - theirs))
+    if not off:
+        return "reproduced"
+    return {1.0: "above", -1.0: "below"}.get(off[0], "mixed") if len(set(off)) == 1 else "mixed"
 
 
 def table2(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per dataset x model: the metrics' mean (± std over seeds)."""
-    ok = _table2_rows(results)
+    """One row per dataset x model: each column's mean and std over seeds, the paper's value and
+    the relative difference (raw numbers; `table2_markdown` formats them), peak memory, verdict."""
     rows = []
-    for (dataset, label), group in ok.groupby(["dataset", "label"], sort=False):
+    for (dataset, label), group in _table2_rows(results).groupby(["dataset", "label"], sort=False):
+        paper = paper_row(dataset, label)
         row = {"Dataset": dataset, "Model": label, "Seeds": len(group)}
-        for column, name in COLUMNS.items():
-            digits = 4 if column.startswith("test_") else 1 if column == "train_seconds" or len(group) > 1 else 0
-            row[name] = _cell(group[column].astype(float), digits)
+        for column, name, key in METRICS + OTHERS:
+            values = group[column].astype(float)
+            row[name] = values.mean()
+            row[f"{name} std"] = values.std() if len(values) > 1 else float("nan")
+            row[f"{name} paper"] = getattr(paper, key) if paper else float("nan")
+            if (column, name, key) in METRICS:
+                row[f"{name} diff %"] = (
+                    100 * (values.mean() / getattr(paper, key) - 1) if paper else float("nan")
+                )
+        memory = (
+            group["peak_memory_mb"].astype(float) if "peak_memory_mb" in group else pd.Series(dtype=float)
+        )
+        row["Peak memory (MB)"] = memory.mean() if memory.notna().any() else float("nan")
+        row["Verdict"] = _verdict(group, paper) if paper else ""
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["Dataset", "Model", "Seeds", *COLUMNS.values()])
+    table = pd.DataFrame(rows)
     if table.empty:
         return table
     table["_order"] = table["Model"].map(_order)
-    return table.sort_values(["Dataset", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    return (
+        table.sort_values(["Dataset", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    )
 
 
-def table2_markdown(table: pd.DataFrame, failed: pd.DataFrame, missing: list[str]) -> str:
-    parts = ["# Table 2: test metrics (full ranking, seen items removed)\n"]
-    if missing:
-        parts.append(f"\n**The sweep is incomplete: {len(missing)} planned trial(s) or search(es) have no result "
-                     "yet** (`python -m raysweep.run SWEEP --resume` finishes them); see the end of this page.\n")
-    if table.empty:
-        parts.append("\nNo trial has finished yet.\n")
-    for dataset, group in table.groupby("Dataset", sort=False):
-        parts.append(f"\n## {dataset}\n")
-        columns = [c for c in group.columns if c != "Dataset"]
-        parts.append("| " + " | ".join(columns) + " |")
-        parts.append("|" + "---|" * len(columns))
-        for _, row in group.iterrows():
-            parts.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
-    if len(failed):
-        parts.append("\n## Failed trials\n")
-        for _, row in failed.iterrows():
-            parts.append(f"- {row['dataset']} {row['label']} seed {row['seed']} ({row['stages']}): "
-                         f"{row.get('error') or 'failed'}")
-    if missing:
-        parts.append("\n## Missing trials\n")
-        parts.extend(f"- {line}" for line in missing)
-    return "\n".join(parts) + "\n"
+def _cell(row: pd.Series, name: str, digits: int) -> str:
+    mean, std, theirs = row[name], row[f"{name} std"], row[f"{name} paper"]
+    text = f"{mean:.{digits}f}" + ("" if math.isnan(std) or std == 0 else f" ± {std:.{digits}f}")
+    if math.isnan(theirs):
+        return text
+    if f"{name} diff %" in row:
+        return f"{text} (paper {theirs:.4f}, {row[f'{name} diff %']:+.1f} %)"
+    return f"{text} (paper {theirs:g})"
+
+
+COLUMNS = [
+    "Model",
+    "Seeds",
+    "HR@10",
+    "HR@100",
+    "NDCG@10",
+    "NDCG@100",
+    "Training time (s)",
+    "Best epoch",
+    "Peak memory (MB)",
+    "Verdict",
+]
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 as it is shown: ours ± std (paper, difference) in each cell."""
+    rows = []
+    for _, row in table.iterrows():
+        digits = {name: 4 for _, name, _ in METRICS} | {
+            "Training time (s)": 1,
+            "Best epoch": 1 if row["Seeds"] > 1 else 0,
+        }
+        cells = {name: _cell(row, name, d) for name, d in digits.items()}
+        memory = row["Peak memory (MB)"]
+        rows.append(
+            {
+                "Dataset": row["Dataset"],
+                "Model": row["Model"],
+                "Seeds": row["Seeds"],
+                **cells,
+                "Peak memory (MB)": "" if math.isnan(memory) else f"{memory:,.0f}",
+                "Verdict": row["Verdict"],
+            }
+        )
+    return pd.DataFrame(rows, columns=["Dataset", *COLUMNS])
+
+
+@dataclass
+class Parts:
+    """Everything a report holds, built before any file is replaced."""
+
+    table: pd.DataFrame
+    comparisons: list[paired.Comparison]
+    notes: list[str]  # comparisons that could not be made, and why
+    failed: pd.DataFrame
+    missing: list[str]
+    figure1: bytes | None
+    figure2: bytes | None
+
+
+def _markdown_table(frame: pd.DataFrame) -> list[str]:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return lines
+
+
+def comparison_table(items: list[paired.Comparison]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "Dataset": c.dataset,
+                "A": c.a,
+                "B": c.b,
+                "Metric": paired.METRICS[c.metric],
+                "A - B": f"{c.diff:+.4f}",
+                "95 % CI (users)": f"[{c.low:+.4f}, {c.high:+.4f}]",
+                "CI half-width": f"{(c.high - c.low) / 2:.4f}",
+                "Std over seeds (A / B)": " / ".join(
+                    "-" if math.isnan(s) else f"{s:.4f}" for s in (c.std_a, c.std_b)
+                ),
+                "Seeds (A / B)": f"{c.seeds_a} / {c.seeds_b}",
+                "p (Wilcoxon)": f"{c.p:.2g}",
+                "p (Holm)": f"{c.p_holm:.2g}",
+            }
+            for c in items
+        ]
+    )
+
+
+def markdown(parts: Parts) -> str:
+    out = ["# Table 2: test metrics (full ranking, seen items removed)", ""]
+    if parts.missing:
+        out += [
+            f"**The sweep is incomplete: {len(parts.missing)} planned trial(s) or search(es) have no result "
+            "yet** (`python -m raysweep.run SWEEP --resume` finishes them); they are listed at the end.",
+            "",
+        ]
+    shown = formatted(parts.table)
+    if shown.empty:
+        out += ["No trial has finished yet.", ""]
+    for dataset, group in shown.groupby("Dataset", sort=False):
+        out += [f"## {dataset}", "", *_markdown_table(group[COLUMNS]), ""]
+    if len(shown):
+        out += [
+            "Each cell: ours (mean ± std over seeds), then the paper's value and our difference from it. "
+            f"Verdict: HR@10 and NDCG@10 within {TOLERANCE:.0%} of the paper, or the paper inside our seeds' "
+            'range, is "reproduced"; else above or below it.',
+            "",
+        ]
+    if parts.comparisons or parts.notes:
+        out += [
+            "## Paired comparisons",
+            "",
+            "Per test user, A - B of the metric (a user's value is the mean over the model's seeds); 95 % "
+            "paired bootstrap CI over users; two-sided Wilcoxon signed-rank test over users, Holm-corrected "
+            "over every comparison here.",
+            "",
+        ]
+        out += [f"- {c.sentence()}" for c in parts.comparisons if c.metric == "ndcg@10"]
+        out += [f"- {note}" for note in parts.notes]
+        if parts.comparisons:
+            out += ["", *_markdown_table(comparison_table(parts.comparisons))]
+        out.append("")
+    if len(parts.failed):
+        out += ["## Failed trials", ""]
+        out += [
+            f"- {r['dataset']} {r['label']} seed {r['seed']} ({r['stages']}): {r.get('error') or 'failed'}"
+            for _, r in parts.failed.iterrows()
+        ]
+        out.append("")
+    if parts.missing:
+        out += ["## Missing trials", "", *[f"- {line}" for line in parts.missing], ""]
+    return "\n".join(out)
+
+
+def _ranks(run_dir: Path, key: str, cache: dict) -> np.ndarray:
+    if key not in cache:
+        cache[key] = pd.read_parquet(Path(run_dir) / "trials" / key / "ranks.parquet")["rank"].to_numpy()
+    return cache[key]
+
+
+def compare_models(
+    run_dir: Path, results: pd.DataFrame, pairs: list[tuple[str, str]], cache: dict | None = None
+) -> tuple[list[paired.Comparison], list[str]]:
+    """Every pair of `pairs` (the paper's claims, then the sweep's) on each dataset that has both,
+    for NDCG@10 and HR@10, Holm-corrected together. A trial whose ranks.parquet cannot be read
+    skips its comparisons, with a note that names the file."""
+    cache = {} if cache is None else cache
+    ranks_cache, done = cache.setdefault("ranks", {}), cache.setdefault("comparisons", {})
+    ok = _table2_rows(results)
+    items, notes = [], []
+    for dataset in dict.fromkeys(ok["dataset"]) if len(ok) else []:
+        keys = {
+            label: list(group.sort_values("seed")["key"])
+            for label, group in ok[ok["dataset"] == dataset].groupby("label")
+        }
+        for a, b in dict.fromkeys(pairs):
+            if a not in keys or b not in keys:
+                continue
+            try:
+                ranks_a = [_ranks(run_dir, k, ranks_cache) for k in keys[a]]
+                ranks_b = [_ranks(run_dir, k, ranks_cache) for k in keys[b]]
+            except (OSError, ValueError, KeyError) as exc:
+                notes.append(f"{dataset}: {a} vs {b} skipped: a trial's ranks.parquet is unreadable ({exc})")
+                continue
+            for metric in paired.METRICS:
+                ident = (dataset, a, b, metric, tuple(keys[a]), tuple(keys[b]))
+                if ident not in done:
+                    try:
+                        done[ident] = paired.compare(dataset, a, b, ranks_a, ranks_b, metric)
+                    except ValueError as exc:
+                        notes.append(f"{dataset}: {a} vs {b} skipped: {exc}")
+                        break
+                items.append(done[ident])
+    return paired.holm_corrected(items), notes
+
+
+def sweep_pairs(run_dir: Path) -> list[tuple[str, str]]:
+    """The paper's claims, then the pairs the sweep file names under `compare:`."""
+    spec = Path(run_dir) / "spec.yaml"
+    extra = []
+    if spec.is_file():
+        try:
+            document = yaml.safe_load(spec.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise UserError(f"{spec}: unreadable sweep file ({str(exc).splitlines()[0]})") from None
+        extra = document.get("compare") if isinstance(document, dict) else None
+        extra = extra if isinstance(extra, list) else []
+    return [
+        *CLAIMS,
+        *[
+            tuple(pair)
+            for pair in extra
+            if isinstance(pair, list) and len(pair) == 2 and all(isinstance(name, str) for name in pair)
+        ],
+    ]
 
 
 def _figure_png(plt, fig, title: str) -> bytes:
@@ -92,34 +317,80 @@ def _figure_png(plt, fig, title: str) -> bytes:
     return buffer.getvalue()
 
 
-def _panels(datasets: list[str]):
+def _panels(datasets: list[str], rows: int = 1):
     """A figure with one panel per dataset (matplotlib without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
-    return plt, fig, zip(axes[0], datasets)
+    fig, axes = plt.subplots(rows, len(datasets), figsize=(4.8 * len(datasets), 3.8 * rows), squeeze=False)
+    return plt, fig, axes
+
+
+def _family(row: pd.Series) -> str:
+    """A curve of Figure 2: the trial's label with its N taken out (SASRec+ 300 -> SASRec+ N)."""
+    return re.sub(rf"\b{int(row['negatives'])}\b", "N", row["label"], count=1)
 
 
 def figure2(results: pd.DataFrame) -> bytes | None:
-    """Test NDCG@10 against N (log axis), one panel per dataset; None if no SASRec+ N trials."""
+    """Test NDCG@10 against N (log axis), one curve per sampled loss, the reference models as
+    lines and the paper's values (thin lines, an open marker at SASRec+ 3000); a second row,
+    where peak memory is known, plots NDCG@10 against it. None without sampled trials."""
     ok = _table2_rows(results)
-    sampled = ok[(ok["loss"] == "sampled_ce") & (ok["model"] == "sasrec")]
+    sampled = ok[ok["negatives"].notna()] if len(ok) else ok
     if sampled.empty:
         return None
-    plt, fig, panels = _panels(list(dict.fromkeys(sampled["dataset"])))
-    for ax, dataset in panels:
-        curve = sampled[sampled["dataset"] == dataset].groupby("negatives")["test_ndcg@10"].agg(["mean", "std"])
-        ax.errorbar(curve.index, curve["mean"], yerr=curve["std"].fillna(0), marker="o", capsize=3,
-                    label="SASRec+ N")
-        for label, style in REFERENCE_LINES.items():
-            ref = ok[(ok["dataset"] == dataset) & (ok["label"] == label)]["test_ndcg@10"]
-            if len(ref):
-                ax.axhline(ref.mean(), linestyle=style, color="gray" if label != "SASRec+" else "black", label=label)
+    datasets = list(dict.fromkeys(sampled["dataset"]))
+    memory = "peak_memory_mb" in ok and ok["peak_memory_mb"].notna().any()
+    plt, fig, axes = _panels(datasets, rows=2 if memory else 1)
+    for column, dataset in enumerate(datasets):
+        ax = axes[0][column]
+        here = sampled[sampled["dataset"] == dataset]
+        for family, curve in here.groupby(here.apply(_family, axis=1), sort=True):
+            stats = curve.groupby("negatives")["test_ndcg@10"].agg(["mean", "std"])
+            ax.errorbar(
+                stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=family
+            )
+        for label, (style, color) in REFERENCES.items():
+            ours = ok[(ok["dataset"] == dataset) & (ok["label"] == label)]["test_ndcg@10"]
+            if len(ours):
+                ax.axhline(ours.mean(), linestyle=style, color=color, label=label)
+            published = paper_row(dataset, label)
+            if published:
+                ax.axhline(
+                    published.ndcg10,
+                    linestyle=style,
+                    color=color,
+                    linewidth=0.7,
+                    alpha=0.6,
+                    label=f"paper {label}",
+                )
+        published = paper_row(dataset, "SASRec+ 3000")
+        if published:
+            ax.plot(
+                [3000],
+                [published.ndcg10],
+                marker="o",
+                markerfacecolor="none",
+                color="black",
+                linestyle="",
+                label="paper SASRec+ 3000",
+            )
         ax.set(xscale="log", xlabel="negatives N", ylabel="test NDCG@10", title=dataset)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+        if memory:
+            ax = axes[1][column]
+            with_memory = ok[(ok["dataset"] == dataset) & ok["peak_memory_mb"].notna()]
+            for label, group in with_memory.groupby("label"):
+                ax.scatter(group["peak_memory_mb"], group["test_ndcg@10"], s=18)
+                ax.annotate(label, (group["peak_memory_mb"].mean(), group["test_ndcg@10"].mean()), fontsize=6)
+            ax.set(
+                xscale="log",
+                xlabel="peak memory (MB)",
+                ylabel="test NDCG@10",
+                title=f"{dataset}: quality per memory",
+            )
     return _figure_png(plt, fig, "Figure 2: NDCG@10 against the number of negatives")
 
 
@@ -128,57 +399,199 @@ def _history(run_dir: Path, key: str) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable training history ({str(exc).splitlines()[0]}); nothing was "
-                        "rewritten") from None
+        raise UserError(
+            f"{path}: unreadable training history ({str(exc).splitlines()[0]}); nothing was rewritten"
+        ) from None
 
 
 def figure1(results: pd.DataFrame, run_dir: Path) -> bytes | None:
     """Validation NDCG@10 by epoch per model (first seed), one panel per dataset."""
+    from matplotlib.ticker import MaxNLocator
+
     ok = _table2_rows(results)
-    ok = ok[ok["model"] != "bpr"]
+    ok = ok[ok["model"] != "bpr"] if len(ok) else ok
     if ok.empty:
         return None
-    plt, fig, panels = _panels(list(dict.fromkeys(ok["dataset"])))
-    for ax, dataset in panels:
+    datasets = list(dict.fromkeys(ok["dataset"]))
+    plt, fig, axes = _panels(datasets)
+    for ax, dataset in zip(axes[0], datasets):
         rows = ok[ok["dataset"] == dataset].sort_values("seed").drop_duplicates("label")
         for _, row in sorted(rows.iterrows(), key=lambda r: _order(r[1]["label"])):
             history = _history(run_dir, row["key"])
             ax.plot(history["epoch"], history["val_ndcg@10"], label=row["label"])
         ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=dataset)
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
     return _figure_png(plt, fig, "Figure 1: validation NDCG@10 by epoch")
 
 
-def _table2_rows(results: pd.DataFrame) -> pd.DataFrame:
-    if results.empty:
-        return results
-    return results[(results["status"] == "ok") & results["in_table2"]]
+def progress_line(results: pd.DataFrame, missing: list[str], progress: dict[str, Any] | None) -> str:
+    done = int((results["status"] == "ok").sum()) if len(results) else 0
+    failed = int((results["status"] != "ok").sum()) if len(results) else 0
+    if progress is None:
+        waiting = sum(1 for line in missing if "search" not in line.split(":")[0])
+        return f"{done} done, {failed} failed, {waiting} not run" + (
+            "" if missing else " (the sweep is complete)"
+        )
+    return (
+        f"{done} done, {failed} failed, {progress['running']} running, {progress['waiting']} waiting "
+        f"(stage {progress['stage']}; updated {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    )
 
 
-def write_report(run_dir: Path) -> list[Path]:
-    """Every part of the report is built first; only then are the files replaced (each by rename)."""
-    run_dir = Path(run_dir)
+def index_html(name: str, parts: Parts, progress: str, live: bool) -> str:
+    """One self-contained page: figures inline, no script, no outside file."""
+
+    def esc(text: str) -> str:
+        return html.escape(str(text))
+
+    out = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>raysweep: {esc(name)}</title>",
+    ]
+    if live:
+        out.append('<meta http-equiv="refresh" content="30">')  # the driver rewrites the page as trials end
+    out += [
+        "<style>body{font-family:sans-serif;margin:2em;max-width:90em}table{border-collapse:collapse;"
+        "font-size:90%}td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>raysweep: {esc(name)}</h1>",
+        f'<p id="progress">{esc(progress)}</p>',
+        "<h2>Table 2</h2>",
+    ]
+    shown = formatted(parts.table)
+    if shown.empty:
+        out.append("<p>No trial has finished yet.</p>")
+    for dataset, group in shown.groupby("Dataset", sort=False):
+        out += [
+            f"<h3>{esc(dataset)}</h3>",
+            group[COLUMNS].to_html(index=False, classes="table2", border=0, table_id=f"table2-{dataset}"),
+        ]
+    if parts.comparisons or parts.notes:
+        out += ["<h2>Paired comparisons</h2>", "<ul>"]
+        out += [f"<li>{esc(c.sentence())}</li>" for c in parts.comparisons if c.metric == "ndcg@10"]
+        out += [f"<li>{esc(note)}</li>" for note in parts.notes] + ["</ul>"]
+        if parts.comparisons:
+            out.append(
+                comparison_table(parts.comparisons).to_html(index=False, border=0, table_id="comparisons")
+            )
+    for title, png in (("Figure 1", parts.figure1), ("Figure 2", parts.figure2)):
+        if png is not None:
+            out += [
+                f"<h2>{title}</h2>",
+                f'<img alt="{title}" src="data:image/png;base64,{base64.b64encode(png).decode()}">',
+            ]
+    if len(parts.failed):
+        out += ["<h2>Failed trials</h2>", "<ul>"]
+        out += [
+            f"<li>{esc(r['dataset'])} {esc(r['label'])} seed {r['seed']} ({esc(r['stages'])}): "
+            f"{esc(r.get('error') or 'failed')}</li>"
+            for _, r in parts.failed.iterrows()
+        ] + ["</ul>"]
+    if parts.missing:
+        out += [
+            "<h2>Missing trials</h2>",
+            "<ul>",
+            *[f"<li>{esc(line)}</li>" for line in parts.missing],
+            "</ul>",
+        ]
+    return "\n".join(out + ["</body></html>", ""])
+
+
+def build(run_dir: Path, cache: dict | None = None) -> tuple[Parts, pd.DataFrame]:
     results = read_results(run_dir)
     missing = missing_trials(read_plan(run_dir), results)
-    out = run_dir / "report"
-    table = table2(results)
+    items, notes = compare_models(run_dir, results, sweep_pairs(run_dir), cache)
     failed = results[results["status"] != "ok"] if len(results) else results
-    parts = {"table2.md": table2_markdown(table, failed, missing).encode(),
-             "table2.csv": table.to_csv(index=False).encode(),
-             "figure2.png": figure2(results), "figure1.png": figure1(results, run_dir)}
+    parts = Parts(table2(results), items, notes, failed, missing, figure1(results, run_dir), figure2(results))
+    return parts, results
+
+
+def write_report(
+    run_dir: Path, progress: dict[str, Any] | None = None, cache: dict | None = None
+) -> list[Path]:
+    """Every part of the report is built first; only then are the files replaced (each by rename).
+    `progress` (running, waiting, stage) marks a page the driver rewrites while the sweep runs."""
+    run_dir = Path(run_dir)
+    parts, results = build(run_dir, cache)
+    name = run_dir.name
+    files = {
+        "table2.md": markdown(parts).encode(),
+        "table2.csv": parts.table.to_csv(index=False).encode(),
+        "figure1.png": parts.figure1,
+        "figure2.png": parts.figure2,
+        "index.html": index_html(
+            name, parts, progress_line(results, parts.missing, progress), live=progress is not None
+        ).encode(),
+    }
     written = []
-    for name, content in parts.items():
+    for file, content in files.items():
         if content is not None:
-            atomic_write(out / name, lambda tmp, content=content: tmp.write_bytes(content))
-            written.append(out / name)
+            atomic_write(run_dir / "report" / file, lambda tmp, content=content: tmp.write_bytes(content))
+            written.append(run_dir / "report" / file)
     return written
+
+
+class LivePage:
+    """The report rewritten while a sweep runs, in a thread of its own so that Tune's loop never
+    waits for a figure: each request replaces one not yet served, and the report is written at
+    most every `every` seconds. `close` writes what is still requested and ends the thread."""
+
+    def __init__(self, run_dir: Path, every: float = 10.0):
+        self.run_dir, self.every = Path(run_dir), every
+        self.cache: dict = {}
+        self.wanted: dict[str, Any] | None = None
+        self.closing = False
+        self.written_at = 0.0
+        self.reported: set[str] = set()
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self._serve, name="raysweep-live-page", daemon=True)
+        self.thread.start()
+
+    def request(self, progress: dict[str, Any]) -> None:
+        with self.condition:
+            self.wanted = progress
+            self.condition.notify()
+
+    def close(self) -> None:
+        with self.condition:
+            self.closing = True
+            self.condition.notify()
+        self.thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            with self.condition:
+                while self.wanted is None and not self.closing:
+                    self.condition.wait()
+                if self.wanted is None:
+                    return
+                wait = self.every - (time.monotonic() - self.written_at)
+                if wait > 0 and not self.closing:
+                    self.condition.wait(wait)
+                progress, self.wanted = self.wanted, None
+            try:
+                write_report(self.run_dir, progress, self.cache)
+            except (UserError, OSError, ValueError) as exc:  # the sweep goes on; say so once per problem
+                if str(exc) not in self.reported:
+                    self.reported.add(str(exc))
+                    print(
+                        f"[raysweep] the live page could not be written: {exc}", file=sys.stderr, flush=True
+                    )
+            self.written_at = time.monotonic()
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raysweep.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rebuild results.parquet from the trial records first"
+    )
     args = parser.parse_args(argv)
+    if args.rebuild:
+        write_results(args.run_dir)
     for path in write_report(args.run_dir):
         print(path)
     print((args.run_dir / "report" / "table2.md").read_text())

@@ -1,0 +1,93 @@
+"""MLflow tracking of a sweep (`tracking: mlflow`, or `--mlflow`), through Ray Tune's own
+`MLflowLoggerCallback`.
+
+Every Tune trial becomes an MLflow run, named by its trial key, in an experiment named after
+the sweep: its settings as parameters, each epoch's metrics, and its final test metrics. At the
+end the report is logged as the artifacts of a run named "report". The store is
+RUN_DIR/mlflow.db (SQLite; MLflow 3 has no plain-file store), so
+
+    mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db
+
+is the sweep's dashboard. MLflow's names may not hold "@": val_ndcg@10 is val_ndcg_at_10 there.
+MLflow is an optional extra: pip install -e ".[mlflow]".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raysweep.errors import UserError
+
+REPORT_RUN = "report"
+
+
+def check_installed(where: str) -> None:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f'{where}: tracking with MLflow needs the mlflow extra: pip install -e ".[mlflow]"'
+        ) from None
+
+
+def store(run_dir: Path) -> str:
+    return f"sqlite:///{Path(run_dir).absolute() / 'mlflow.db'}"
+
+
+def metric_name(name: str) -> str:
+    return name.replace("@", "_at_")
+
+
+def experiment(run_dir: Path, name: str) -> str:
+    """The sweep's experiment (created with its artifacts under the run directory); its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=store(run_dir))
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(
+        name, artifact_location=(Path(run_dir).absolute() / "mlflow-artifacts").as_uri()
+    )
+
+
+def callback(run_dir: Path, name: str) -> Any:
+    """Tune's MLflow logger, with runs named by trial key and metric names MLflow accepts."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from raysweep.config import trial_key
+    from raysweep.trainable import trial_config
+
+    class Logger(MLflowLoggerCallback):
+        def log_trial_start(self, trial):
+            cfg = trial_config(trial.config)
+            if trial not in self._trial_runs:
+                tags = {
+                    **self.tags,
+                    "key": trial_key(cfg),
+                    "label": cfg.label,
+                    "dataset": cfg.dataset,
+                    "stage": trial.config.get("stage", "seeds"),
+                }
+                self._trial_runs[trial] = self.mlflow_util.start_run(
+                    tags=tags, run_name=trial_key(cfg)
+                ).info.run_id
+            settings = {k: v for k, v in cfg.to_dict().items() if k != "extra"}
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=settings)
+
+        def log_trial_result(self, iteration, trial, result):
+            super().log_trial_result(iteration, trial, {metric_name(k): v for k, v in result.items()})
+
+    experiment(run_dir, name)
+    return Logger(tracking_uri=store(run_dir), experiment_name=name)
+
+
+def log_report(run_dir: Path, name: str) -> None:
+    """The report's files as the artifacts of the experiment's "report" run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=store(run_dir))
+    run = client.create_run(experiment(run_dir, name), run_name=REPORT_RUN)
+    client.log_artifacts(run.info.run_id, str(Path(run_dir) / "report"))
+    client.set_terminated(run.info.run_id)

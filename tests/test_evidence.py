@@ -1,0 +1,214 @@
+"""The report as evidence: the paper's figures beside ours, paired comparisons over users with
+statistics that must find a planted difference and must not find one between two draws of the
+same model, and the one-file page that shows it all."""
+
+import math
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raysweep import comparisons, paper, report
+from raysweep.config import TrialConfig, trial_key
+from raysweep.metrics import mean_metrics
+from raysweep.results import finished_record, write_record, write_results
+
+
+def test_the_papers_tables_are_complete():
+    assert set(paper.TABLE2) == set(paper.TABLE1) == {"ml-1m", "ml-20m", "steam", "beauty", "yelp"}
+    labels = {"BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+", "SASRec+ 3000"}
+    assert all(set(rows) == labels for rows in paper.TABLE2.values())
+    assert paper.paper_row("beauty", "SASRec+") == (0.0533, 0.1325, 0.0327, 0.0482, 332, 6)
+    assert (
+        paper.paper_row("beauty", "SASRec+ 100") is None
+        and paper.paper_row("synthetic-chains", "SASRec") is None
+    )
+
+
+def test_holm_matches_a_hand_computed_case():
+    # Sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04, made monotone -> 0.03, 0.06, 0.06.
+    assert comparisons.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+    assert comparisons.holm([0.5, 0.9]).tolist() == pytest.approx([1.0, 1.0])  # 0.5 x 2, then never below it
+
+
+def test_a_hand_computed_comparison():
+    # Six users where A ranks the target first and B at 1..6; four where both miss.
+    a, b = np.array([0] * 6 + [200] * 4), np.array([1, 2, 3, 4, 5, 6] + [200] * 4)
+    c = comparisons.compare("d", "A", "B", [a], [b], "ndcg@10")
+    per_user = [1 - 1 / math.log2(r + 2) for r in range(1, 7)]
+    assert c.diff == pytest.approx(sum(per_user) / 10)
+    assert c.p == pytest.approx(2 / 2**6)  # Wilcoxon, exact: six differences, all positive
+    assert 0 <= c.low <= c.diff <= c.high <= max(per_user)
+    hr = comparisons.compare("d", "A", "B", [a], [b], "hr@10")
+    assert hr.diff == 0 and hr.p == 1.0  # every target in both top-10s: no difference at all
+
+
+def _draw(seed, users=4000, shift=0):
+    ranks = np.random.default_rng(seed).geometric(0.08, users) - 1
+    return np.minimum(ranks + shift, 5000)
+
+
+def test_a_planted_shift_is_significant_and_two_draws_of_one_model_are_not():
+    planted = comparisons.holm_corrected(
+        [comparisons.compare("d", "A", "B", [_draw(0)], [_draw(0, shift=3)], "ndcg@10")]
+    )[0]
+    assert planted.significant and planted.diff > 0 and planted.low > 0
+    assert planted.sentence().startswith("d: A beats B by +0.") and "p < 0.001 (Holm)" in planted.sentence()
+    same = [
+        comparisons.compare("d", "A", "B", [_draw(2 * s)], [_draw(2 * s + 1)], "ndcg@10") for s in range(20)
+    ]
+    assert sum(c.p < 0.05 for c in same) <= 3  # at the 5 % level, about one in twenty by chance
+    assert sum(c.low <= 0 <= c.high for c in same) >= 17  # the CIs cover the true difference, 0
+    first = comparisons.holm_corrected(same)[0]
+    assert not first.significant and "no significant difference" in first.sentence()
+
+
+def test_the_std_over_seeds_is_reported_beside_the_ci():
+    c = comparisons.compare("d", "A", "B", [_draw(0), _draw(1)], [_draw(2)], "ndcg@10")
+    means = [comparisons.user_values([r], "ndcg@10").mean() for r in (_draw(0), _draw(1))]
+    assert c.seeds_a == 2 and c.std_a == pytest.approx(np.std(means, ddof=1)) and math.isnan(c.std_b)
+
+
+def _fake_trial(run_dir, label_settings, seed, ranks):
+    cfg = TrialConfig.from_dict(dict(dataset="beauty", seed=seed, **label_settings)).resolved()
+    summary = {
+        "label": cfg.label,
+        "config": cfg.to_dict(),
+        "val": {"ndcg@10": 0.03},
+        "test": mean_metrics(ranks),
+        "best_epoch": 6,
+        "epochs": 16,
+        "train_seconds": 100.0 + seed,
+        "device": "cpu",
+        "precision": "fp32",
+        "seconds_per_epoch": 6.0,
+        "peak_memory_mb": 500.0,
+        "node": "n",
+    }
+    write_record(
+        run_dir,
+        finished_record(summary, trial_key(cfg), "seeds"),
+        history=[
+            {"epoch": e, "loss": 1.0, "train_seconds": 1.0, "val_seconds": 0.1, "val_ndcg@10": 0.01 * e}
+            for e in range(1, 4)
+        ],
+        ranks=ranks,
+    )
+    return trial_key(cfg)
+
+
+@pytest.fixture
+def evidence(tmp_path):
+    """A run directory of Beauty trials with planted ranks: SASRec+ (two seeds) far better than BERT4Rec."""
+    run_dir = tmp_path / "run"
+    keys = {
+        "sasrec+": [_fake_trial(run_dir, dict(loss="ce"), s, _draw(10 + s, 40_226)) for s in (0, 1)],
+        "bert4rec": [_fake_trial(run_dir, dict(model="bert4rec"), 0, _draw(20, 40_226, shift=40))],
+    }
+    write_results(run_dir)
+    return run_dir, keys
+
+
+def test_table2_sits_beside_the_paper_with_a_verdict(evidence):
+    run_dir, _ = evidence
+    report.write_report(run_dir)
+    table = pd.read_csv(run_dir / "report" / "table2.csv").set_index("Model")
+    ours = table.loc["SASRec+", "NDCG@10"]
+    assert table.loc["SASRec+", "NDCG@10 paper"] == 0.0327
+    assert table.loc["SASRec+", "NDCG@10 diff %"] == pytest.approx(100 * (ours / 0.0327 - 1))
+    assert table.loc["SASRec+", "Seeds"] == 2 and table.loc["SASRec+", "HR@10 std"] > 0
+    assert table.loc["BERT4Rec", "Verdict"] == "below"  # planted far below the paper's 0.0187
+    text = (run_dir / "report" / "table2.md").read_text()
+    assert f"(paper 0.0327, {100 * (ours / 0.0327 - 1):+.1f} %)" in text
+    assert "beauty: SASRec+ beats BERT4Rec by +0." in text and "p < 0.001 (Holm)" in text
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables, self.items, self.images, self.rows, self.current = {}, [], [], 0, None
+        self.progress, self._in = "", None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.current = attrs.get("id")
+            self.tables[self.current] = 0
+        elif tag == "tr" and self.current:
+            self.tables[self.current] += 1
+        elif tag == "img":
+            self.images.append(attrs["src"])
+        elif tag in ("li", "p"):
+            self._in = attrs.get("id") or tag
+            self.items.append("") if tag == "li" else None
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.current = None
+        if tag in ("li", "p"):
+            self._in = None
+
+    def handle_data(self, text):
+        if self._in == "li":
+            self.items[-1] += text
+        elif self._in == "progress":
+            self.progress += text
+
+
+def test_the_page_holds_everything_in_one_file(evidence):
+    run_dir, _ = evidence
+    report.write_report(run_dir, progress={"stage": "seeds", "running": 2, "waiting": 5})
+    text = (run_dir / "report" / "index.html").read_text()
+    page = _Page()
+    page.feed(text)
+    assert page.tables["table2-beauty"] == 3  # a header and two models
+    assert page.tables["comparisons"] >= 2
+    assert any(item.startswith("beauty: SASRec+ beats BERT4Rec") for item in page.items)
+    assert len(page.images) == 1 and page.images[0].startswith(
+        "data:image/png;base64,"
+    )  # Figure 1 (no N here)
+    assert "3 done, 0 failed, 2 running, 5 waiting" in page.progress
+    assert 'http-equiv="refresh"' in text and 'src="http' not in text and "<script" not in text
+    report.write_report(run_dir)  # at the sweep's end: no more refreshing
+    assert 'http-equiv="refresh"' not in (run_dir / "report" / "index.html").read_text()
+
+
+def test_a_corrupt_ranks_file_skips_its_comparison_and_says_which(evidence):
+    run_dir, keys = evidence
+    (run_dir / "trials" / keys["bert4rec"][0] / "ranks.parquet").write_bytes(b"not parquet")
+    report.write_report(run_dir)
+    text = (run_dir / "report" / "table2.md").read_text()
+    assert "beauty: SASRec+ vs BERT4Rec skipped: a trial's ranks.parquet is unreadable" in text
+    assert "| BERT4Rec |" in text  # the table itself does not need the ranks
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium; .ci/run installs it)"
+)
+def test_the_page_renders_in_headless_chromium(evidence, tmp_path):
+    run_dir, _ = evidence
+    report.write_report(run_dir)
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    page = (run_dir / "report" / "index.html").as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert 'id="table2-beauty"' in dom and "SASRec+ beats BERT4Rec" in dom
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1200,900", page], capture_output=True, timeout=120
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
