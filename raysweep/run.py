@@ -10,6 +10,7 @@ Ctrl-C (SIGINT) or SIGTERM stops the running stage as Tune stops (trials checkpo
 experiment state saved), writes what finished, says the sweep is incomplete and how to resume
 it, and exits 130 (SIGINT) or 143 (SIGTERM). A sweep with failed trials exits 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,22 @@ from pathlib import Path
 from typing import Any
 
 from raysweep.atomic import atomic_write
-from raysweep.config import trial_key
+from raysweep.config import dataset_tag, trial_key
+from raysweep.devices import resolve_device
 from raysweep.errors import UserError, cli
+from raysweep.results import load_records
 from raysweep.split import sequence_data
-from raysweep.sweep import SweepSpec, Trial, entry_datasets, entry_seeds, entry_trials, expand, load_spec, stage_name
-from raysweep.train import check_fits, check_negatives, load_split, resolve_device
+from raysweep.sweep import (
+    SweepSpec,
+    Trial,
+    entry_datasets,
+    entry_seeds,
+    entry_trials,
+    expand,
+    load_spec,
+    stage_name,
+)
+from raysweep.trial import check_fits, check_negatives, load_split
 
 
 def check_trials(trials: list[Trial], where: str, local: bool) -> None:
@@ -56,11 +68,13 @@ def check_trials(trials: list[Trial], where: str, local: bool) -> None:
 
 
 def trial_table(trials: list[Trial], gpus: float, cpus: float) -> str:
-    lines = [f"{'stage':<24} {'dataset':<18} {'model':<16} {'seed':>4}  resources  key"]
+    lines = [f"{'stage':<24} {'dataset':<18} {'model':<24} {'seed':>4}  resources  key"]
     for t in trials:
         gpu = 0.0 if t.config.model == "bpr" else gpus
-        lines.append(f"{t.stage:<24} {t.config.dataset:<18} {t.config.label:<16} {t.config.seed:>4}  "
-                     f"{cpus:g} CPU {gpu:g} GPU  {t.key}")
+        lines.append(
+            f"{t.stage:<24} {t.config.dataset:<18} {t.config.label:<24} {t.config.seed:>4}  "
+            f"{cpus:g} CPU {gpu:g} GPU  {t.key}"
+        )
     searches = {t.stage for t in trials if t.stage != "seeds"}
     lines.append(f"{len(trials)} trials ({len(searches)} search stages, each sampling more)")
     return "\n".join(lines)
@@ -92,27 +106,21 @@ DRIVER_FILES = {".lock", ".write-probe"}
 def check_run_dir(run_dir: Path) -> None:
     """A run directory is a folder of its own: not a system folder, and not a non-empty folder
     that holds something other than a raysweep run."""
-    if run_dir == Path(run_dir.anchor) or any(run_dir == Path(d) or Path(d) in run_dir.parents for d in SYSTEM_DIRS):
-        raise UserError(f"{run_dir}: a system folder cannot be a run directory; set 'results' to a folder of your own")
+    if run_dir == Path(run_dir.anchor) or any(
+        run_dir == Path(d) or Path(d) in run_dir.parents for d in SYSTEM_DIRS
+    ):
+        raise UserError(
+            f"{run_dir}: a system folder cannot be a run directory; set 'results' to a folder of your own"
+        )
     if run_dir.is_dir() and not (run_dir / "spec.yaml").is_file():
         others = [p.name for p in run_dir.iterdir() if p.name not in DRIVER_FILES]
         if others:
-            raise UserError(f"{run_dir}: not empty and not a raysweep run directory (it holds {sorted(others)[0]!r}); "
-                            "set 'results' to a new folder")
+            raise UserError(
+                f"{run_dir}: not empty and not a raysweep run directory (it holds {sorted(others)[0]!r}); "
+                "set 'results' to a new folder"
+            )
     elif run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a folder")
-
-
-def check_records(run_dir: Path) -> None:
-    """On --resume, every trial record must be readable before Ray starts."""
-    for path in sorted((run_dir / "trials").glob("*/result.json")):
-        try:
-            record = json.loads(path.read_text())
-            if not isinstance(record, dict) or not {"key", "status", "stages"} <= set(record):
-                raise ValueError("not a trial record")
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: unreadable trial record ({exc}); delete {path.parent} to run that trial "
-                            "again") from None
 
 
 def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> bool:
@@ -120,9 +128,13 @@ def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> bool:
     True if this call started the run directory (wrote its spec.yaml)."""
     started = (run_dir / "spec.yaml").is_file()
     if started and not resume:
-        raise UserError(f"{run_dir}: a sweep already ran here; pass --resume to finish it, or set another 'results'")
+        raise UserError(
+            f"{run_dir}: a sweep already ran here; pass --resume to finish it, or set another 'results'"
+        )
     if started and (run_dir / "spec.yaml").read_bytes() != spec_path.read_bytes():
-        raise UserError(f"{run_dir}: the sweep file changed since this run started; resume with the same file")
+        raise UserError(
+            f"{run_dir}: the sweep file changed since this run started; resume with the same file"
+        )
     try:
         probe = run_dir / ".write-probe"
         probe.write_bytes(bytes(1 << 20))  # a full disk fails here, not in the middle of a trial
@@ -154,7 +166,9 @@ def check_address(address: str | None) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
-        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+        raise UserError(
+            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})"
+        ) from None
 
 
 def start_ray(address: str | None) -> bool:
@@ -175,15 +189,21 @@ def start_ray(address: str | None) -> bool:
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError) as exc:
-            raise UserError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
+            raise UserError(
+                f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})"
+            ) from None
         return False
     # address="local": a new single-node Ray even if another one runs on this machine.
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
     node_ip = ray.util.get_node_ip_address()
-    print(f"[raysweep] local Ray on {node_ip}: dashboard at http://127.0.0.1:8265", flush=True)
+    print(f"[raysweep] local Ray on {node_ip}: dashboard at http://{context.dashboard_url}", flush=True)
     if node_ip != "127.0.0.1":
-        print(f"[raysweep] warning: Ray's ports listen on {node_ip}, not only on 127.0.0.1 (ray was imported "
-              f"before raysweep could set {LOOPBACK_SWITCH}=0, or it is set otherwise)", file=sys.stderr, flush=True)
+        print(
+            f"[raysweep] warning: Ray's ports listen on {node_ip}, not only on 127.0.0.1 (ray was imported "
+            f"before raysweep could set {LOOPBACK_SWITCH}=0, or it is set otherwise)",
+            file=sys.stderr,
+            flush=True,
+        )
     return True
 
 
@@ -209,8 +229,11 @@ class Stop:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n[raysweep] {signal.Signals(signum).name}: stopping the sweep (again to stop at once)",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n[raysweep] {signal.Signals(signum).name}: stopping the sweep (again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def forward_to_tune(self) -> None:
         if self.signum is not None and not self.forwarded:
@@ -226,11 +249,15 @@ class Stop:
         if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
             yield self
             return
+        from raysweep.trainable import DRIVER_STEP
+
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stays; Tune still listens on SIGUSR1
         previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        DRIVER_STEP.append(self.forward_to_tune)
         try:
             yield self
         finally:
+            DRIVER_STEP.remove(self.forward_to_tune)
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -243,18 +270,48 @@ class _TuneAdvice(logging.Filter):
         return not ("Resume experiment with" in message or "Stop signal received" in message)
 
 
-def run_sweep(spec_path: Path, address: str | None = None, resume: bool = False, dry_run: bool = False,
-              results: Path | None = None) -> Path:
-    """Run (or resume) a sweep; returns its run directory. Raises `Interrupted` after a signal,
-    once what finished is saved and reported."""
+def restricted(spec: SweepSpec, datasets: list[str] | None, where: str) -> SweepSpec:
+    """The sweep on some of its datasets only (its run directory is then named for them)."""
+    if not datasets:
+        return spec
+    absolute = [d if d in spec.datasets else str(Path(d).absolute()) for d in datasets]
+    unknown = [d for d, a in zip(datasets, absolute) if a not in spec.datasets]
+    if unknown:
+        raise UserError(
+            f"{where}: --datasets {unknown[0]} is not one of the sweep's datasets {spec.datasets}"
+        )
+    return spec.model_copy(
+        update={"datasets": absolute, "overrides": {d: v for d, v in spec.overrides.items() if d in absolute}}
+    )
+
+
+def run_sweep(
+    spec_path: Path,
+    address: str | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    results: Path | None = None,
+    mlflow: bool = False,
+    datasets: list[str] | None = None,
+) -> Path:
+    """Run (or resume) a sweep, on `datasets` of its datasets if given; returns its run
+    directory. Raises `Interrupted` after a signal, once what finished is saved and reported.
+    `mlflow`: track it with MLflow (`tracking`)."""
     spec_path = Path(spec_path)
-    spec = load_spec(spec_path)
     where = str(spec_path)
+    spec = restricted(load_spec(spec_path), datasets, where)
+    if mlflow:
+        spec = spec.model_copy(update={"tracking": "mlflow"})
+    if spec.tracking == "mlflow":
+        from raysweep import tracking
+
+        tracking.check_installed(where)
     trials = expand(spec, where)
-    run_dir = Path(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / spec.name).absolute()
+    name = spec.name if not datasets else "-".join([spec.name, *(dataset_tag(d) for d in spec.datasets)])
+    run_dir = Path(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / name).absolute()
     check_run_dir(run_dir)
     if resume:
-        check_records(run_dir)
+        load_records(run_dir)  # every record must be readable before Ray starts
     local = not (address or os.environ.get("RAY_ADDRESS"))
     check_trials(trials, where, local)
     if dry_run:
@@ -277,68 +334,94 @@ def run_sweep(spec_path: Path, address: str | None = None, resume: bool = False,
             if fresh:
                 (run_dir / "spec.yaml").unlink(missing_ok=True)  # nothing half-started is left behind
             raise
-        print(f"[raysweep] {len(trials)} trials; TensorBoard (pip install tensorboard): "
-              f"tensorboard --logdir {run_dir / 'tune'}", flush=True)
+        print(
+            f"[raysweep] {len(trials)} trials; TensorBoard (pip install tensorboard): "
+            f"tensorboard --logdir {run_dir / 'tune'}",
+            flush=True,
+        )
         try:
             _run_stages(spec, trials, run_dir, local, resume, where, stop)
         except Interrupted:
-            _finish(run_dir)
+            _finish(spec, run_dir)
             raise
-    _finish(run_dir)
+    _finish(spec, run_dir)
     return run_dir
 
 
-def _finish(run_dir: Path) -> None:
+def _finish(spec: SweepSpec, run_dir: Path) -> None:
     from raysweep.report import write_report
     from raysweep.results import write_results
 
     write_results(run_dir)
     outputs = write_report(run_dir)
-    print(f"[raysweep] results: {run_dir / 'results.parquet'}; report: {', '.join(str(p) for p in outputs)}", flush=True)
+    print(
+        f"[raysweep] results: {run_dir / 'results.parquet'}; report: {run_dir / 'report' / 'index.html'} "
+        f"({len(outputs)} files)",
+        flush=True,
+    )
+    if spec.tracking == "mlflow":
+        from raysweep import tracking
+
+        tracking.log_report(run_dir, spec.name)
+        print(f"[raysweep] MLflow: mlflow ui --backend-store-uri {tracking.store(run_dir)}", flush=True)
 
 
 def write_plan(run_dir: Path, stages: dict[str, dict[str, Any]]) -> None:
     """plan.json: every stage of the sweep and the trials it runs (a search stage: how many it
     samples), so the report can say which trials are missing and how far the sweep is."""
-    atomic_write(run_dir / "plan.json", lambda tmp: tmp.write_text(json.dumps({"stages": stages}, indent=1) + "\n"))
+    atomic_write(
+        run_dir / "plan.json", lambda tmp: tmp.write_text(json.dumps({"stages": stages}, indent=1) + "\n")
+    )
 
 
 def _planned(trials: list[Trial]) -> list[dict[str, Any]]:
-    return [{"key": t.key, "dataset": t.config.dataset, "label": t.config.label, "seed": t.config.seed}
-            for t in trials]
+    return [
+        {"key": t.key, "dataset": t.config.dataset, "label": t.config.label, "seed": t.config.seed}
+        for t in trials
+    ]
 
 
-def _run_stages(spec: SweepSpec, trials: list[Trial], run_dir: Path, local: bool, resume: bool, where: str,
-                stop: Stop) -> None:
+def _run_stages(
+    spec: SweepSpec, trials: list[Trial], run_dir: Path, local: bool, resume: bool, where: str, stop: Stop
+) -> None:
     import ray
-
-    from raysweep.results import load_records
 
     resources = spec.resources
     if local and resources.gpus > 0 and not ray.cluster_resources().get("GPU"):
-        print("[raysweep] notice: no GPU on this machine; trials run on the CPU instead of waiting for one",
-              file=sys.stderr, flush=True)
+        print(
+            "[raysweep] notice: no GPU on this machine; trials run on the CPU instead of waiting for one",
+            file=sys.stderr,
+            flush=True,
+        )
         resources = resources.model_copy(update={"gpus": 0.0})
     seeds = [t for t in trials if t.stage == "seeds"]
-    searches = [(i, dataset) for i, entry in enumerate(spec.models) if entry.search is not None
-                for dataset in entry_datasets(spec, i)]
-    plan = {stage_name(d, i): {"kind": "search", "samples": spec.models[i].search.samples, "trials": []}
-            for i, d in searches}
+    searches = [
+        (i, dataset)
+        for i, entry in enumerate(spec.models)
+        if entry.search is not None
+        for dataset in entry_datasets(spec, i)
+    ]
+    plan = {
+        stage_name(d, i): {"kind": "search", "samples": spec.models[i].search.samples, "trials": []}
+        for i, d in searches
+    }
     plan["seeds"] = {"kind": "seeds", "trials": _planned(seeds)}
     write_plan(run_dir, plan)
     for i, dataset in searches:
         stop.check()
         stage = stage_name(dataset, i)
         [base] = [t for t in trials if t.stage == stage]  # a searched entry has one N
-        _tune_stage(stage, stage, run_dir, resume, spec, resources, stop, search=(base, spec.models[i].search))
+        _tune_stage(stage, stage, run_dir, resume, spec, resources, search=(base, spec.models[i].search))
         stop.check()
         plan[stage]["finished"] = True
-        records = [r for r in load_records(run_dir) if stage in r["stages"] and r["status"] == "ok"]
+        records = [r for r in load_records(run_dir) if stage in r.stages and r.ok]
         if records:
-            top = max(records, key=lambda r: r["val"]["ndcg@10"])
-            print(f"[raysweep] {stage}: best {top['searched']} (val NDCG@10 {top['val']['ndcg@10']:.4f})", flush=True)
+            top = max(records, key=lambda r: r.val["ndcg@10"])
+            print(
+                f"[raysweep] {stage}: best {top.searched} (val NDCG@10 {top.val['ndcg@10']:.4f})", flush=True
+            )
             for seed in entry_seeds(spec, i):
-                for cfg in entry_trials(spec, i, dataset, seed, where, top["searched"]):
+                for cfg in entry_trials(spec, i, dataset, seed, where, top.searched):
                     seeds.append(Trial(cfg, "seeds", trial_key(cfg)))
         plan["seeds"]["trials"] = _planned(seeds)
         write_plan(run_dir, plan)
@@ -347,16 +430,24 @@ def _run_stages(spec: SweepSpec, trials: list[Trial], run_dir: Path, local: bool
     # searches chose what they chose before; a new grid runs as a new experiment (finished trials
     # return at once from their records).
     grid_id = hashlib.sha1(" ".join(sorted(t.key for t in seeds)).encode()).hexdigest()[:8]
-    _tune_stage("seeds", f"seeds-{grid_id}", run_dir, resume, spec, resources, stop, grid=seeds)
+    _tune_stage("seeds", f"seeds-{grid_id}", run_dir, resume, spec, resources, grid=seeds)
     stop.check()
 
 
-def _tune_stage(stage: str, experiment: str, run_dir: Path, resume: bool, spec: SweepSpec, resources, stop: Stop,
-                grid: list[Trial] | None = None, search: tuple[Trial, Any] | None = None) -> None:
+def _tune_stage(
+    stage: str,
+    experiment: str,
+    run_dir: Path,
+    resume: bool,
+    spec: SweepSpec,
+    resources,
+    grid: list[Trial] | None = None,
+    search: tuple[Trial, Any] | None = None,
+) -> None:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from raysweep import tune as glue
+    from raysweep import trainable as glue
 
     storage = run_dir / "tune"
     # num_to_keep=1 makes Tune snapshot its experiment state after each trial checkpoint, so a
@@ -368,44 +459,80 @@ def _tune_stage(stage: str, experiment: str, run_dir: Path, resume: bool, spec: 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune.tune").addFilter(_TuneAdvice())
     trainable = tune.with_resources(glue.trainable, glue.resources_for(resources))
-    callbacks = [glue.TrialLog(run_dir, stage, stop.forward_to_tune)]
+    callbacks = [glue.TrialLog(run_dir, stage)]
+    if spec.tracking == "mlflow":
+        from raysweep import tracking
+
+        callbacks.append(tracking.callback(run_dir, spec.name))
     run_config = tune.RunConfig(
-        name=experiment, storage_path=str(storage), verbose=0, callbacks=callbacks,
+        name=experiment,
+        storage_path=str(storage),
+        verbose=0,
+        callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     if resume and tune.Tuner.can_restore(storage / experiment):
-        tuner = tune.Tuner.restore(str(storage / experiment), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            str(storage / experiment),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            restart_errored=False,
+        )
     elif grid is not None:
         if not grid:
             return
-        space = {"trial": tune.grid_search([t.config.to_dict() for t in grid]), "run_dir": str(run_dir),
-                 "stage": stage}
-        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
-                           tune_config=tune.TuneConfig(trial_dirname_creator=_dirname))
+        space = {
+            "trial": tune.grid_search([t.config.to_dict() for t in grid]),
+            "run_dir": str(run_dir),
+            "stage": stage,
+        }
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            run_config=run_config,
+            tune_config=tune.TuneConfig(trial_dirname_creator=_dirname),
+        )
     else:
         base, block = search
         fixed = {k: v for k, v in base.config.to_dict().items() if k not in block.space}
-        space = {"trial": fixed, "search": glue.search_space(block.space), "run_dir": str(run_dir), "stage": stage}
-        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config, tune_config=tune.TuneConfig(
-            search_alg=OptunaSearch(metric="best_ndcg@10", mode="max", seed=block.seed),
-            num_samples=block.samples, max_concurrent_trials=block.max_concurrent, trial_dirname_creator=_dirname))
+        space = {
+            "trial": fixed,
+            "search": glue.search_space(block.space),
+            "run_dir": str(run_dir),
+            "stage": stage,
+        }
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            run_config=run_config,
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(metric="best_ndcg@10", mode="max", seed=block.seed),
+                num_samples=block.samples,
+                max_concurrent_trials=block.max_concurrent,
+                trial_dirname_creator=_dirname,
+            ),
+        )
     tuner.fit()
 
 
 def _dirname(trial) -> str:
-    from raysweep.tune import trial_config
+    from raysweep.trainable import trial_config
 
     return f"{trial_key(trial_config(trial.config))}_{trial.trial_id}"
 
 
-def _resume_command(spec_path: Path, results: Path | None, address: str | None) -> str:
-    parts = ["python -m raysweep.run", str(spec_path), "--resume"]
-    if results:
-        parts += ["--results", str(results)]
-    if address:
-        parts += ["--address", address]
+def _resume_command(args: argparse.Namespace) -> str:
+    parts = ["python -m raysweep.run", str(args.sweep), "--resume"]
+    if args.datasets:
+        parts += ["--datasets", *args.datasets]
+    if args.results:
+        parts += ["--results", str(args.results)]
+    if args.address:
+        parts += ["--address", args.address]
+    if args.mlflow:
+        parts.append("--mlflow")
     return " ".join(parts)
 
 
@@ -414,18 +541,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raysweep.run", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", type=Path, help="a sweep file, e.g. sweeps/quickstart.yaml")
     parser.add_argument("--address", default=None, help="join a running Ray cluster ('auto', or host:port)")
-    parser.add_argument("--resume", action="store_true", help="finish an interrupted sweep in its run directory")
+    parser.add_argument(
+        "--resume", action="store_true", help="finish an interrupted sweep in its run directory"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the trial table and exit")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="run directory (default: the sweep's 'results', else $RAYSWEEP_RUNS_DIR/NAME or runs/NAME)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="run directory (default: the sweep's 'results', else $RAYSWEEP_RUNS_DIR/NAME or runs/NAME)",
+    )
+    parser.add_argument(
+        "--mlflow", action="store_true", help="track every trial with MLflow (tracking: mlflow)"
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        metavar="DATASET",
+        help="run the sweep on these of its datasets only (run directory NAME-DATASET...)",
+    )
     args = parser.parse_args(argv)
     try:
-        run_dir = run_sweep(args.sweep, args.address, args.resume, args.dry_run, args.results)
+        run_dir = run_sweep(
+            args.sweep, args.address, args.resume, args.dry_run, args.results, args.mlflow, args.datasets
+        )
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        print(f"[raysweep] INTERRUPTED ({signal.Signals(signum).name}): the sweep is incomplete; what finished is "
-              f"saved. Resume with: {_resume_command(args.sweep, args.results, args.address)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[raysweep] INTERRUPTED ({signal.Signals(signum).name}): the sweep is incomplete; what "
+            f"finished is saved. Resume with: {_resume_command(args)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + signum
     if args.dry_run:
         return 0
@@ -434,8 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     results = read_results(run_dir)
     failed = int(((results["status"] != "ok") & results["in_table2"]).sum()) if len(results) else 0
     if failed:  # (a search's failed samples are part of searching: they lose, and the sweep goes on)
-        print(f"[raysweep] {failed} trial(s) of Table 2 failed: see {run_dir / 'report' / 'table2.md'}",
-              file=sys.stderr)
+        print(
+            f"[raysweep] {failed} trial(s) of Table 2 failed: see {run_dir / 'report' / 'table2.md'}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -5,6 +5,7 @@ trial and per dataset, optional Optuna search blocks, resources per trial and wh
 go. Any unknown key, wrong type or impossible value is refused as one line naming the file
 and the key path (`sweeps/x.yaml: models[1].negatives: ...`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raysweep.config import TrialConfig, dataset_tag, trial_key
+from raysweep.config import LOSSES, MODELS, TrialConfig, dataset_tag, trial_key
 from raysweep.data import get_dataset
 from raysweep.errors import UserError
 
@@ -39,7 +40,9 @@ class Distribution(Strict):
     def _exactly_one(self) -> Distribution:
         given = [k for k, v in self.__dict__.items() if v is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of choice, uniform, loguniform, randint (got {given or 'none'})")
+            raise ValueError(
+                f"give exactly one of choice, uniform, loguniform, randint (got {given or 'none'})"
+            )
         for kind in ("uniform", "loguniform", "randint"):
             bounds = getattr(self, kind)
             if bounds is not None and not bounds[0] < bounds[1]:
@@ -59,8 +62,8 @@ class Search(Strict):
 
 
 class ModelEntry(Strict):
-    model: Literal["sasrec", "bert4rec", "gru4rec", "bpr"]
-    loss: Literal["bce", "ce", "sampled_ce"] | None = None
+    model: Literal[MODELS]
+    loss: Literal[LOSSES] | None = None
     negatives: list[int] | int | None = None
     datasets: list[str] | None = None  # only these of the sweep's datasets (e.g. N beyond a small catalogue)
     seeds: list[int] | None = Field(None, min_length=1)  # instead of the sweep's seeds, for this entry
@@ -90,6 +93,15 @@ class SweepSpec(Strict):
     resources: Resources = Resources()
     max_retries: int = Field(2, ge=0)  # a failing trial is retried from its last checkpoint
     results: str | None = None  # run directory; default runs/<name>
+    compare: list[list[str]] = []  # pairs of Table 2 models to compare over users, beside the paper's claims
+    tracking: Literal["mlflow"] | None = None  # MLflow tracking (raysweep.tracking)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> SweepSpec:
+        for i, pair in enumerate(self.compare):
+            if len(pair) != 2:
+                raise ValueError(f"compare[{i}] must name two models, got {pair}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -114,7 +126,9 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -174,14 +188,30 @@ def _absolute(name: str) -> str:
 
 def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     def settings(values: dict[str, Any]) -> dict[str, Any]:
-        return {k: str(Path(v).expanduser().absolute()) if k in ("data_dir", "mirror") and isinstance(v, str) else v
-                for k, v in values.items()}
+        return {
+            k: str(Path(v).expanduser().absolute())
+            if k in ("data_dir", "mirror") and isinstance(v, str)
+            else v
+            for k, v in values.items()
+        }
 
-    models = [entry.model_copy(update={"datasets": entry.datasets and [_absolute(d) for d in entry.datasets],
-                                       "settings": settings(entry.settings)}) for entry in spec.models]
-    return spec.model_copy(update={
-        "datasets": [_absolute(d) for d in spec.datasets], "models": models, "settings": settings(spec.settings),
-        "overrides": {_absolute(d): settings(v) for d, v in spec.overrides.items()}})
+    models = [
+        entry.model_copy(
+            update={
+                "datasets": entry.datasets and [_absolute(d) for d in entry.datasets],
+                "settings": settings(entry.settings),
+            }
+        )
+        for entry in spec.models
+    ]
+    return spec.model_copy(
+        update={
+            "datasets": [_absolute(d) for d in spec.datasets],
+            "models": models,
+            "settings": settings(spec.settings),
+            "overrides": {_absolute(d): settings(v) for d, v in spec.overrides.items()},
+        }
+    )
 
 
 def _check_settings(spec: SweepSpec, where: str) -> None:
@@ -202,7 +232,7 @@ def _check_settings(spec: SweepSpec, where: str) -> None:
             if name not in spec.datasets:
                 raise UserError(f"{where}: models[{i}].datasets: {name!r} is not one of the sweep's datasets")
         if entry.search is not None:
-            TrialConfig.check_keys({k: None for k in entry.search.space}, f"{where}: models[{i}].search.space")
+            TrialConfig.check_keys(dict.fromkeys(entry.search.space), f"{where}: models[{i}].search.space")
 
 
 def stage_name(dataset: str, index: int) -> str:
@@ -219,15 +249,25 @@ def entry_seeds(spec: SweepSpec, index: int) -> list[int]:
     return spec.models[index].seeds or spec.seeds
 
 
-def entry_trials(spec: SweepSpec, index: int, dataset: str, seed: int, where: str,
-                 searched: dict[str, Any] | None = None) -> list[TrialConfig]:
+def entry_trials(
+    spec: SweepSpec, index: int, dataset: str, seed: int, where: str, searched: dict[str, Any] | None = None
+) -> list[TrialConfig]:
     """The trials of one model entry on one dataset and seed: one per N."""
     entry = spec.models[index]
     negatives = entry.negatives if isinstance(entry.negatives, list) else [entry.negatives]
     out = []
     for n in negatives:
-        values = {"dataset": dataset, "model": entry.model, "loss": entry.loss, "negatives": n, "seed": seed,
-                  **spec.settings, **spec.overrides.get(dataset, {}), **entry.settings, **(searched or {})}
+        values = {
+            "dataset": dataset,
+            "model": entry.model,
+            "loss": entry.loss,
+            "negatives": n,
+            "seed": seed,
+            **spec.settings,
+            **spec.overrides.get(dataset, {}),
+            **entry.settings,
+            **(searched or {}),
+        }
         out.append(TrialConfig.from_dict(values, f"{where}: models[{index}] on {dataset}"))
     return out
 
@@ -267,7 +307,24 @@ def expand(spec: SweepSpec, where: str = "sweep") -> list[Trial]:
     duplicated = sorted(k for k, n in counts.items() if n > 1)
     if duplicated:
         raise UserError(f"{where}: the same trial appears twice ({duplicated[0]}); remove the repeated entry")
+    _check_compare(spec, trials, where)
     return trials
+
+
+def _check_compare(spec: SweepSpec, trials: list[Trial], where: str) -> None:
+    """Each pair under `compare:` names two of the sweep's models that share a dataset."""
+    datasets: dict[str, set[str]] = {}
+    for t in trials:
+        datasets.setdefault(t.config.label, set()).add(t.config.dataset)
+    for i, (a, b) in enumerate(spec.compare):
+        for name in (a, b):
+            if name not in datasets:
+                raise UserError(
+                    f"{where}: compare[{i}]: unknown model {name!r} (this sweep's models: "
+                    f"{', '.join(sorted(datasets))})"
+                )
+        if not datasets[a] & datasets[b]:
+            raise UserError(f"{where}: compare[{i}]: {a} and {b} never run on the same dataset")
 
 
 # Combinations of searched values checked together (beyond it, each value on its own).
@@ -283,7 +340,9 @@ def _candidates(name: str, d: Distribution, where: str) -> list[Any]:
         return [d.randint[0], d.randint[1] - 1]  # high is exclusive
     kind, bounds = ("uniform", d.uniform) if d.uniform is not None else ("loguniform", d.loguniform)
     if integer:
-        raise UserError(f"{where}: {kind} draws real numbers, but {name!r} is an integer setting (use randint or choice)")
+        raise UserError(
+            f"{where}: {kind} draws real numbers, but {name!r} is an integer setting (use randint or choice)"
+        )
     return list(bounds)
 
 
@@ -291,7 +350,10 @@ def check_space(spec: SweepSpec, index: int, dataset: str, where: str) -> None:
     """Every value the entry's search can produce must make a valid trial: checked before Ray
     starts, not when a sampled trial fails halfway through the sweep."""
     space = spec.models[index].search.space
-    options = {name: _candidates(name, d, f"{where}: models[{index}].search.space.{name}") for name, d in space.items()}
+    options = {
+        name: _candidates(name, d, f"{where}: models[{index}].search.space.{name}")
+        for name, d in space.items()
+    }
     combinations = math.prod(len(v) for v in options.values())
     if combinations <= MAX_COMBINATIONS:
         samples = [dict(zip(options, values)) for values in itertools.product(*options.values())]
@@ -302,5 +364,7 @@ def check_space(spec: SweepSpec, index: int, dataset: str, where: str) -> None:
             entry_trials(spec, index, dataset, entry_seeds(spec, index)[0], where, sample)
         except UserError as exc:
             shown = ", ".join(f"{k}={v!r}" for k, v in sample.items())
-            raise UserError(f"{where}: models[{index}].search.space can produce {shown}, which is not a valid "
-                            f"trial: {str(exc).removeprefix(f'{where}: models[{index}] on {dataset}: ')}") from None
+            raise UserError(
+                f"{where}: models[{index}].search.space can produce {shown}, which is not a valid "
+                f"trial: {str(exc).removeprefix(f'{where}: models[{index}] on {dataset}: ')}"
+            ) from None

@@ -1,5 +1,6 @@
 """Faults provoked on this machine: trials that die or raise, a lost node, a driver killed at
 named points, a locked / unwritable / full results directory, the local network bindings."""
+
 import errno
 import json
 import os
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import NEEDS_RAY
+
 from raysweep.errors import UserError
 from raysweep.results import load_records
 from raysweep.run import prepare_run_dir, run_lock, run_sweep
@@ -44,13 +45,16 @@ max_retries: 2
 
 
 def test_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tmp_path):
-    straight = run_sweep(_spec(tmp_path, KILLED_TRIAL.replace(", EXTRA", ""), "a.yaml"), results=tmp_path / "a")
-    killed = run_sweep(_spec(tmp_path, KILLED_TRIAL.replace("EXTRA", "kill_at_epoch: 3"), "b.yaml"),
-                       results=tmp_path / "b")
+    straight = run_sweep(
+        _spec(tmp_path, KILLED_TRIAL.replace(", EXTRA", ""), "a.yaml"), results=tmp_path / "a"
+    )
+    killed = run_sweep(
+        _spec(tmp_path, KILLED_TRIAL.replace("EXTRA", "kill_at_epoch: 3"), "b.yaml"), results=tmp_path / "b"
+    )
     [record] = load_records(killed)
-    assert record["status"] == "ok" and record["resumed_from_epoch"] == 2
+    assert record.ok and record.context["resumed_from_epoch"] == 2
     # The retry's first report is epoch 3 (after the checkpoint of epoch 2), not epoch 1.
-    assert _tune_epochs(killed, record["key"]) == [1, 2, 3, 4, 5]
+    assert _tune_epochs(killed, record.key) == [1, 2, 3, 4, 5]
     # And it ends exactly where an uninterrupted run ends (CPU, same seed).
     a, b = pd.read_parquet(straight / "results.parquet"), pd.read_parquet(killed / "results.parquet")
     assert a[METRICS].to_dict("records") == b[METRICS].to_dict("records")
@@ -74,7 +78,10 @@ def test_trial_that_keeps_failing_is_recorded_and_the_sweep_completes(ray_cluste
     assert results.loc["SASRec+", "status"] == "failed"
     assert "injected failure at epoch 2" in results.loc["SASRec+", "error"]
     report = (run_dir / "report" / "table2.md").read_text()
-    assert "## Failed trials" in report and "SASRec+ seed 0 (seeds): RuntimeError: injected failure at epoch 2" in report
+    assert (
+        "## Failed trials" in report
+        and "SASRec+ seed 0 (seeds): RuntimeError: injected failure at epoch 2" in report
+    )
     assert "| GRU4Rec |" in report
     # --resume runs the failed trial again (its failed record is not taken as finished) and
     # records the same failure once; the finished trial is not run again.
@@ -103,8 +110,9 @@ def test_lost_node_trials_move_to_the_head(ray_cluster, tmp_path):
     cluster, _ = ray_cluster
     worker = list(cluster.worker_nodes)[-1]
     outcome = {}
-    sweep = threading.Thread(target=lambda: outcome.update(run_dir=run_sweep(_spec(tmp_path, LOST_NODE),
-                                                                             results=tmp_path / "run")))
+    sweep = threading.Thread(
+        target=lambda: outcome.update(run_dir=run_sweep(_spec(tmp_path, LOST_NODE), results=tmp_path / "run"))
+    )
     started = time.time()
     sweep.start()
     try:
@@ -148,8 +156,23 @@ def _drive(spec, run_dir, address, *extra, kill_at=None):
     env.pop("RAYSWEEP_KILL_DRIVER_AT", None)
     if kill_at:
         env["RAYSWEEP_KILL_DRIVER_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "raysweep.run", str(spec), "--results", str(run_dir), "--address",
-                           address, *extra], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raysweep.run",
+            str(spec),
+            "--results",
+            str(run_dir),
+            "--address",
+            address,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +184,9 @@ def uninterrupted(ray_cluster, tmp_path_factory):
 
 
 @pytest.mark.parametrize("point", ["first-report", "first-finish", "results-write"])
-def test_driver_killed_then_resumed_matches_an_uninterrupted_sweep(ray_cluster, uninterrupted, tmp_path, point):
+def test_driver_killed_then_resumed_matches_an_uninterrupted_sweep(
+    ray_cluster, uninterrupted, tmp_path, point
+):
     spec, run_dir, address = _spec(tmp_path, DRIVER), tmp_path / "run", ray_cluster[0].address
     killed = _drive(spec, run_dir, address, kill_at=point)
     assert killed.returncode == -9, killed.stdout + killed.stderr
@@ -171,7 +196,10 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_sweep(ray_cluster, 
     started = time.time()
     resumed = _drive(spec, run_dir, address, "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    print(f"driver killed at {point}: {finished_before} trials finished before, resumed in {time.time() - started:.1f} s")
+    print(
+        f"driver killed at {point}: {finished_before} trials finished before, "
+        f"resumed in {time.time() - started:.1f} s"
+    )
     results = pd.read_parquet(run_dir / "results.parquet").sort_values("key").reset_index(drop=True)
     assert len(results) == 3 and results["key"].is_unique and (results["status"] == "ok").all()
     assert list(results["key"]) == list(uninterrupted["key"])
@@ -184,17 +212,34 @@ def test_second_driver_on_the_same_run_directory_is_refused(tmp_path):
     run_dir.mkdir()
     spec = _spec(tmp_path, DRIVER)
     with run_lock(run_dir):
-        result = subprocess.run([sys.executable, "-m", "raysweep.run", str(spec), "--results", str(run_dir)],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "raysweep.run", str(spec), "--results", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {run_dir}: another raysweep driver is running on this run directory"
+    assert (
+        result.stderr.strip() == f"error: {run_dir}: another raysweep driver is running on this run directory"
+    )
 
 
 def test_unwritable_results_directory_fails_before_any_trial(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = subprocess.run([sys.executable, "-m", "raysweep.run", str(_spec(tmp_path, DRIVER)), "--results",
-                             str(blocker / "run")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raysweep.run",
+            str(_spec(tmp_path, DRIVER)),
+            "--results",
+            str(blocker / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {blocker / 'run'}: cannot create the results directory")
 
@@ -216,7 +261,12 @@ def test_local_mode_listens_on_loopback_only_and_the_dashboard_needs_the_token(t
     probe = """
 import os, re, subprocess, time, urllib.request, urllib.error
 from raysweep.run import start_ray
-start_ray(None)
+import contextlib, io
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    start_ray(None)
+print(printed.getvalue(), end="")
+os.environ["DASHBOARD"] = printed.getvalue().split("dashboard at ")[1].split()[0]
 import ray
 ray.get(ray.remote(lambda: 1).remote())  # a worker process with its own gRPC server
 time.sleep(5)  # the agents open their ports after start-up
@@ -238,19 +288,26 @@ for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).std
     if pids & ours:
         print("LISTEN", line.split()[3], sorted(set(re.findall(r'"([^"]+)"', line))))
 try:
-    urllib.request.urlopen("http://127.0.0.1:8265/api/jobs/", timeout=10)
+    urllib.request.urlopen(os.environ["DASHBOARD"] + "/api/jobs/", timeout=10)
     print("STATUS 200")
 except urllib.error.HTTPError as exc:
     print("STATUS", exc.code)
 """
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180
+    ).stdout
     listening = [line.split()[1:] for line in out.splitlines() if line.startswith("LISTEN")]
     processes = " ".join(line[1] for line in listening)
-    assert "127.0.0.1:8265" in [line[0] for line in listening], out
+    dashboard = out.split("dashboard at http://")[1].split()[0]  # 8265, or the next free port
+    assert dashboard.startswith("127.0.0.1:") and dashboard in [line[0] for line in listening], out
     for needed in ("gcs_server", "raylet", "DashboardA", "RuntimeEnv"):  # the servers Ray starts on a node
         assert needed in processes, out
-    exposed = [line for line in listening if line[0].rsplit(":", 1)[0] not in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]")]
+    exposed = [
+        line
+        for line in listening
+        if line[0].rsplit(":", 1)[0] not in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]")
+    ]
     assert not exposed, out
     assert "STATUS 401" in out or "STATUS 403" in out, out
 
@@ -259,8 +316,90 @@ def test_local_mode_says_so_when_ray_was_imported_too_early():
     """The loopback switch is read when ray is imported: a caller who imported ray first is told."""
     pytest.importorskip("ray", reason=NEEDS_RAY)
     probe = "import ray\nfrom raysweep.run import start_ray\nstart_ray(None)\nray.shutdown()\n"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180
+    )
     assert result.returncode == 0, result.stderr
     warning = [line for line in result.stderr.splitlines() if line.startswith("[raysweep] warning")]
     assert len(warning) == 1 and "not only on 127.0.0.1" in warning[0], result.stderr
+
+
+STAGED = """
+name: staged
+datasets: [synthetic-chains]
+seeds: [0, 1]
+settings: {max_epochs: 3, patience: 3, val_users: 200, hidden: 16, extra: {checkpoint_seconds: 0}}
+models:
+  - {model: sasrec, loss: ce}
+  - {model: gru4rec, loss: ce}
+  - model: sasrec
+    loss: bce
+    search:
+      samples: 3
+      seed: 0
+      space:
+        lr: {choice: [0.005, 0.001, 1000000.0]}
+resources: {cpus: 1}
+"""
+COMPARED = [
+    "key",
+    "label",
+    "seed",
+    "status",
+    "in_table2",
+    "test_hr@10",
+    "test_ndcg@10",
+    "best_epoch",
+    "epochs",
+]
+
+
+@pytest.fixture(scope="module")
+def staged_uninterrupted(ray_cluster, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("staged")
+    result = _drive(_spec(folder, STAGED), folder / "run", ray_cluster[0].address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return pd.read_parquet(folder / "run" / "results.parquet").sort_values("key").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("stage", ["search", "seeds"])
+def test_sigint_stops_the_sweep_and_resume_finishes_it(ray_cluster, staged_uninterrupted, tmp_path, stage):
+    """Ctrl-C in a stage: the driver stops every stage, saves and reports what finished, says the
+    sweep is incomplete and how to resume, exits 130; --resume then ends exactly where an
+    uninterrupted sweep ends (a diverged search sample never wins)."""
+    import signal as signals
+
+    spec, run_dir, address = _spec(tmp_path, STAGED), tmp_path / "run", ray_cluster[0].address
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "raysweep.run", str(spec), "--results", str(run_dir), "--address", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out = []
+    for line in driver.stdout:
+        out.append(line)
+        if line.startswith("[raysweep] start") and (
+            stage in line if stage == "seeds" else "(search-" in line
+        ):
+            break
+    driver.send_signal(signals.SIGINT)
+    out.append(driver.stdout.read())
+    output = "".join(out)
+    assert driver.wait(timeout=300) == 130, output
+    assert "INTERRUPTED (SIGINT): the sweep is incomplete" in output and "--resume" in output
+    assert "Tuner.restore" not in output  # Tune's own advice would point away from --resume
+    report = (run_dir / "report" / "table2.md").read_text()
+    assert "The sweep is incomplete" in report and "## Missing trials" in report
+    if stage == "search":
+        assert "(seeds)" not in output  # the seeds stage never started
+    resumed = _drive(spec, run_dir, address, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    final = pd.read_parquet(run_dir / "results.parquet").sort_values("key").reset_index(drop=True)
+    assert final[COMPARED].to_dict("records") == staged_uninterrupted[COMPARED].to_dict("records")
+    table2 = final[final["in_table2"]]
+    assert (table2["status"] == "ok").all() and (table2[table2["label"] == "SASRec"]["lr"] < 1).all()
+    assert "Missing trials" not in (run_dir / "report" / "table2.md").read_text()

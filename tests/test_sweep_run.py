@@ -1,5 +1,6 @@
 """The sweep driver on a real (two-node, local) Ray cluster: smoke end to end, fractional
 GPUs, and resume after the driver is SIGKILLed."""
+
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from raysweep.results import load_records
 from raysweep.run import run_sweep
@@ -23,12 +25,33 @@ def test_smoke_sweep_end_to_end(ray_cluster, tmp_path):
     assert results["key"].is_unique
     # 6 grid trials + 2 BPR-MF search samples, the best of which is also the seed run.
     assert len(results) == 8 and results["in_table2"].sum() == 7
-    assert {"test_hr@10", "test_hr@100", "test_ndcg@10", "test_ndcg@100", "best_epoch", "train_seconds",
-            "node_id", "device", "precision"} <= set(results.columns)
+    assert {
+        "test_hr@10",
+        "test_hr@100",
+        "test_ndcg@10",
+        "test_ndcg@100",
+        "best_epoch",
+        "train_seconds",
+        "node_id",
+        "device",
+        "precision",
+    } <= set(results.columns)
     table = pd.read_csv(run_dir / "report" / "table2.csv")
-    assert list(table["Model"]) == ["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+", "SASRec+ 10", "SASRec+ 30"]
-    assert list(table.columns)[3:] == ["HR@10", "HR@100", "NDCG@10", "NDCG@100", "Training time (s)", "Best epoch"]
-    assert "## synthetic-chains" in (run_dir / "report" / "table2.md").read_text()
+    assert list(table["Model"]) == [
+        "BPR-MF",
+        "GRU4Rec",
+        "BERT4Rec",
+        "SASRec",
+        "SASRec+",
+        "SASRec+ 10",
+        "SASRec+ 30",
+    ]
+    for name in ("HR@10", "HR@100", "NDCG@10", "NDCG@100", "Training time (s)", "Best epoch"):
+        assert {name, f"{name} std", f"{name} paper"} <= set(table.columns)
+    assert {"Peak memory (MB)", "Verdict"} <= set(table.columns)
+    markdown = (run_dir / "report" / "table2.md").read_text()
+    assert "## synthetic-chains" in markdown and "| Model | Seeds | HR@10 |" in markdown
+    assert (run_dir / "report" / "index.html").read_text().count('class="dataframe table2"') == 1
     for figure in ("figure1.png", "figure2.png"):
         assert (run_dir / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The planted pattern is learnt even in 3 epochs by SASRec (a sanity check of the plumbing).
@@ -54,9 +77,11 @@ def test_fractional_gpu_trials_share_one_logical_gpu(ray_cluster, tmp_path):
     spec.write_text(SHARED_GPU)
     run_dir = run_sweep(spec, results=tmp_path / "run")
     records = load_records(run_dir)
-    assert len(records) == 3 and all(r["resources"]["GPU"] == 0.5 for r in records)
+    assert len(records) == 3 and all(r.context["resources"]["GPU"] == 0.5 for r in records)
     # One logical GPU at 0.5 per trial: two run at once, never three.
-    events = sorted([(r["started_at"], 1) for r in records] + [(r["finished_at"], -1) for r in records])
+    events = sorted(
+        [(r.context["started_at"], 1) for r in records] + [(r.context["finished_at"], -1) for r in records]
+    )
     running, most = 0, 0
     for _, change in events:
         running += change
@@ -77,9 +102,23 @@ resources: {cpus: 1, gpus: 0}
 
 
 def _driver(spec, run_dir, address, *extra):
-    return subprocess.Popen([sys.executable, "-m", "raysweep.run", str(spec), "--results", str(run_dir),
-                             "--address", address, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "raysweep.run",
+            str(spec),
+            "--results",
+            str(run_dir),
+            "--address",
+            address,
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_resume_after_sigkill(ray_cluster, tmp_path):
@@ -112,3 +151,60 @@ def test_resume_after_sigkill(ray_cluster, tmp_path):
     long_run = json.loads(next(p for p in (run_dir / "trials").glob("*bce*/result.json")).read_text())
     # The running trial continued from its checkpoint instead of starting over.
     assert long_run["resumed_from_epoch"] >= 3 and long_run["epochs"] == 40
+
+
+TRACKED = """
+name: tracked
+datasets: [synthetic-chains]
+settings: {max_epochs: 3, patience: 3, val_users: 200, hidden: 16}
+models:
+  - {model: sasrec, loss: ce}
+  - {model: sasrec, loss: sampled_ce, negatives: [10]}
+tracking: mlflow
+resources: {cpus: 1}
+"""
+
+
+def test_mlflow_tracks_every_trial(ray_cluster, tmp_path):
+    """Through Tune's MLflowLoggerCallback into RUN_DIR/mlflow.db, read back with MLflow's client:
+    one run per trial (named by its key), its epochs' validation NDCG@10, its test metrics, and
+    the report as the artifacts of a "report" run."""
+    import mlflow
+
+    spec = tmp_path / "tracked.yaml"
+    spec.write_text(TRACKED)
+    run_dir = run_sweep(spec, results=tmp_path / "run")
+    results = pd.read_parquet(run_dir / "results.parquet").set_index("key")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tracked")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(results.index) | {"report"}
+    for key, row in results.iterrows():
+        run = runs[key]
+        epochs = client.get_metric_history(run.info.run_id, "val_ndcg_at_10")
+        assert [m.step for m in epochs][:3] == [1, 2, 3] and len(epochs) >= row["epochs"]
+        assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(row["test_ndcg@10"])
+        assert run.data.params["loss"] == row["loss"] and run.data.tags["label"] == row["label"]
+    artifacts = {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
+    assert {"table2.md", "index.html"} <= artifacts
+
+
+def test_tracking_without_mlflow_is_one_line_before_any_trial(tmp_path):
+    spec = tmp_path / "tracked.yaml"
+    spec.write_text(TRACKED)
+    probe = (
+        "import sys, runpy; sys.modules['mlflow'] = None; "
+        "sys.argv = ['raysweep.run', sys.argv[1], '--results', sys.argv[2]]; "
+        "runpy.run_module('raysweep.run', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(spec), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        f'error: {spec}: tracking with MLflow needs the mlflow extra: pip install -e ".[mlflow]"'
+    )
+    assert not (tmp_path / "run").exists()
