@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Packs what a lent GPU machine lacks into .device/ (ignored by git), here, before the call:
-#  - mirror/: ML-1M from the local mirror of upstream (../shared/data does not travel; MovieLens
-#    may not be redistributed, so this copy lives only in the ignored folder);
-#  - whl/: implicit (BPR-MF) and pydantic for the image's Python 3.12 (it has torch, pandas,
-#    pyarrow, matplotlib, pytest, PyYAML, but neither of these nor Ray).
-# Then, with the device tool, one call:
-#   run(command="bash benchmarks/gpu_session.sh all", carry=[".device"], timeout_s=600)
+# Packs, into .gpu-bundle/ (ignored by git), what a GPU machine without internet access needs for
+# benchmarks/gpu_session.sh:
+#  - mirror/: ML-1M from a local mirror of the upstream files (RAYSWEEP_MIRROR, default
+#    ../shared/data); MovieLens may not be redistributed, so this copy stays in the ignored folder;
+#  - whl/: implicit (BPR-MF) and pydantic wheels for Python 3.12, for an image that has torch,
+#    pandas, pyarrow, matplotlib, pytest and PyYAML but neither of these (nor Ray).
+# Copy the checkout with .gpu-bundle/ to the GPU machine, then run: bash benchmarks/gpu_session.sh all
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mirror=${RAYSWEEP_MIRROR:-../shared/data}
-rm -rf .device && mkdir -p .device/mirror/ml-1m .device/whl
-cp "$mirror"/ml-1m/ml-1m.txt.gz .device/mirror/ml-1m/
+rm -rf .gpu-bundle && mkdir -p .gpu-bundle/mirror/ml-1m .gpu-bundle/whl
+cp "$mirror"/ml-1m/ml-1m.txt.gz .gpu-bundle/mirror/ml-1m/
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .device/whl implicit==0.7.3 pydantic==2.13.4 pydantic_core==2.46.4 annotated_types==0.8.0 typing_inspection==0.4.5
-du -sh .device
+  -d .gpu-bundle/whl implicit==0.7.3 pydantic==2.13.4 pydantic_core==2.46.4 annotated_types==0.8.0 typing_inspection==0.4.5
+du -sh .gpu-bundle

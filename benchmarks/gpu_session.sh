@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU figure the issues ask for, in one device call that fits the per-call limit (600 s)
-# and leaves a 15-minute session a few minutes for the machine's start:
-#   run(command="bash benchmarks/gpu_session.sh all", carry=[".device"], timeout_s=600)
-# or, for more time in Table 2, two calls, the second made at once (a machine stays warm only
-# 30 s after a call, and a fresh start costs minutes of the same 15):
-#   run(command="bash benchmarks/gpu_session.sh speed", carry=[".device"], timeout_s=320)
-#   run(command="bash benchmarks/gpu_session.sh table2", carry=[".device"], timeout_s=450)
-# Table 2 replays each step as a CUDA graph if a graphed SASRec+ 100 trial learns the planted
-# order here first (GRAPHS=auto, 40 s at most); GRAPHS=1 or GRAPHS=0 decides without the check.
-# Prepare .device/ first (benchmarks/device_bundle.sh). Each part ends within its BUDGET
-# seconds (speed 280, table2 420, all 580); its steps run in the order of what the speed issue
-# gates, each with its own cap; a step cut by its cap keeps what it printed (one_card.py
-# reports the trials that finished). Each step's output lands in $OUT/NAME.txt as it runs.
+# Every GPU figure in one run of about ten minutes, on a machine with a CUDA GPU (Ray not needed:
+# trials run as `python -m raysweep.train` processes). Usage: bash benchmarks/gpu_session.sh all
+# (or `speed`, or `table2`). Steps, in order: the GPU tests, seconds per epoch eager and with CUDA
+# graphs, chunked vs plain CE, Table 2 of ML-1M + Beauty on one card (benchmarks/one_card.py;
+# each step replayed as a CUDA graph if a graphed SASRec+ trial first learns the planted order,
+# GRAPHS=auto; GRAPHS=1 or 0 decides without the check), and several trials per card. Each part
+# ends within its BUDGET seconds (speed 280, table2 420, all 580), each step within its own cap;
+# a step cut by its cap keeps what it printed. Each step's output lands in $OUT/NAME.txt.
+# Without internet there, run benchmarks/gpu_bundle.sh first and copy .gpu-bundle/ along.
 # DEVICE=cpu QUICK=1 runs the same steps on tiny shapes: a check of this script on a CPU machine.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh speed|table2|all}
@@ -21,7 +17,7 @@ deadline=$((SECONDS + BUDGET))
 OUT=${OUT:-results/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export RAYSWEEP_MIRROR=$PWD/.device/mirror RAYSWEEP_DATA_DIR=/tmp/raysweep-data
+export RAYSWEEP_MIRROR=${RAYSWEEP_MIRROR:-$PWD/.gpu-bundle/mirror} RAYSWEEP_DATA_DIR=/tmp/raysweep-data
 DEVICE=${DEVICE:-cuda}
 if [ -n "${QUICK:-}" ]; then
   speed=(--steps 3 --only beauty-sasrec-bce)
@@ -31,9 +27,9 @@ else
   speed=(--epochs 2)
   chunked=() packing=(--ks 1 2 4 8 --epochs 2) table2=(--concurrent 4)
 fi
-# The image lacks implicit (BPR-MF) and pydantic: install the carried wheels, only if missing.
-if ! python3 -c "import implicit, pydantic" 2>/dev/null && compgen -G ".device/whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/whl/*.whl \
+# implicit (BPR-MF) and pydantic from the bundle's wheels, only if missing.
+if ! python3 -c "import implicit, pydantic" 2>/dev/null && compgen -G ".gpu-bundle/whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu-bundle/whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
@@ -69,7 +65,7 @@ step() {  # step NAME CAP COMMAND...: at most CAP seconds (less if the budget is
 
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  graphs=(--cuda-graphs)  # the eager step is launch-bound (ANCHORS.md): each step as one CUDA graph
+  graphs=(--cuda-graphs)  # an eager step is launch-bound on a GPU: each step as one CUDA graph
 else
   graphs=()  # (CUDA graphs need CUDA: on the CPU this step repeats the eager one)
 fi
