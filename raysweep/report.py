@@ -84,7 +84,8 @@ def table2(results: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset x model: each column's mean and std over seeds, the paper's value and
     the relative difference (raw numbers; `table2_markdown` formats them), peak memory, verdict."""
     rows = []
-    for (dataset, label), group in _table2_rows(results).groupby(["dataset", "label"], sort=False):
+    ok = _table2_rows(results)
+    for (dataset, label), group in ok.groupby(["dataset", "label"], sort=False) if len(ok) else []:
         paper = paper_row(dataset, label)
         row = {"Dataset": dataset, "Model": label, "Seeds": len(group)}
         for column, name, key in METRICS + OTHERS:
@@ -396,6 +397,8 @@ def figure2(results: pd.DataFrame) -> bytes | None:
 
 def _history(run_dir: Path, key: str) -> pd.DataFrame:
     path = Path(run_dir) / "trials" / key / "history.parquet"
+    if not path.is_file():
+        raise UserError(f"{path}: the trial's training history is missing; nothing was rewritten")
     try:
         return pd.read_parquet(path)
     except (OSError, ValueError) as exc:

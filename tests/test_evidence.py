@@ -212,3 +212,18 @@ def test_the_page_renders_in_headless_chromium(evidence, tmp_path):
         [*flags, f"--screenshot={shot}", "--window-size=1200,900", page], capture_output=True, timeout=120
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_a_report_before_any_trial_finished(tmp_path):
+    from raysweep.results import write_results
+
+    run_dir = tmp_path / "run"
+    (run_dir / "trials").mkdir(parents=True)
+    write_results(run_dir)  # an interrupted sweep: no record yet
+    (run_dir / "plan.json").write_text(
+        '{"stages": {"seeds": {"kind": "seeds", "trials": '
+        '[{"key": "k", "dataset": "beauty", "label": "SASRec+", "seed": 0}]}}}'
+    )
+    report.write_report(run_dir)
+    text = (run_dir / "report" / "table2.md").read_text()
+    assert "No trial has finished yet." in text and "- beauty SASRec+ seed 0 (seeds)" in text

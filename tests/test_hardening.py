@@ -296,7 +296,7 @@ def test_the_report_reads_its_inputs_or_says_which_file_is_bad(tmp_path):
     # A missing history: one line naming it, and no file of the report replaced.
     [history] = list(run_dir.glob("trials/*/history.parquet"))
     history.unlink()
-    _one_line(_cli("raysweep.report", run_dir), "history.parquet: unreadable training history")
+    _one_line(_cli("raysweep.report", run_dir), "history.parquet: the trial's training history is missing")
     assert {p: p.read_bytes() for p in (run_dir / "report").iterdir()} == written
     # A truncated or empty results table: one line naming it, and how to rebuild it.
     table = run_dir / "results.parquet"
