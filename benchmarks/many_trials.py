@@ -79,8 +79,8 @@ def main() -> None:
     compute = float(results["train_seconds"].sum())
     expected = len(sweep_text(args.trials).split("negatives: ")[1].split(",")) * max(1, args.trials // 250)
     print(
-        f"exit {code}; {len(results)} trials recorded of {expected} ({results['key'].nunique()} distinct keys, "
-        f"{int((results['status'] != 'ok').sum())} failed)"
+        f"exit {code}; {len(results)} trials recorded of {expected} "
+        f"({results['key'].nunique()} distinct keys, {int((results['status'] != 'ok').sum())} failed)"
     )
     print(
         f"wall-clock {wall:.0f} s on {slots} slots; trials' compute {compute:.1f} s; overhead "
