@@ -263,11 +263,15 @@ class Stop:
 
 
 class _TuneAdvice(logging.Filter):
-    """Tune's own advice on an interrupted run (Tuner.restore) points away from --resume."""
+    """Tune's own lines on an interrupted run: its advice (Tuner.restore) points away from
+    --resume, and it lists every trial not yet started, one line each, as 'Failed to fetch'."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("Resume experiment with" in message or "Stop signal received" in message)
+        return not any(
+            text in message
+            for text in ("Resume experiment with", "Stop signal received", "Failed to fetch metrics")
+        )
 
 
 def restricted(spec: SweepSpec, datasets: list[str] | None, where: str) -> SweepSpec:
@@ -457,7 +461,8 @@ def _tune_stage(
     # Tune's own terminal output: raysweep prints its own lines, and Tune's TensorBoard hint
     # points at a temporary folder, not at the run directory.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    logging.getLogger("ray.tune.tune").addFilter(_TuneAdvice())
+    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+        logging.getLogger(name).addFilter(_TuneAdvice())
     trainable = tune.with_resources(glue.trainable, glue.resources_for(resources))
     callbacks = [glue.TrialLog(run_dir, stage)]
     if spec.tracking == "mlflow":
