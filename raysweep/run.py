@@ -477,7 +477,7 @@ def _tune_stage(
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    if resume and tune.Tuner.can_restore(storage / experiment):
+    if resume and tune.Tuner.can_restore(storage / experiment) and _whole_tune_state(storage / experiment):
         tuner = tune.Tuner.restore(
             str(storage / experiment),
             trainable=trainable,
@@ -520,6 +520,22 @@ def _tune_stage(
             ),
         )
     tuner.fit()
+
+
+def _whole_tune_state(experiment: Path) -> bool:
+    """Drop the experiment-state files a kill cut short (Tune rewrites them in place, so a driver
+    killed mid-write leaves one empty, and Tune then cannot restore the stage); True if a whole one
+    is left to restore. Without one the stage starts anew: raysweep's own records, not Tune's
+    state, say which trials finished, and those return at once."""
+    whole = False
+    for state in sorted(experiment.glob("experiment_state-*.json")):
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+            whole = True
+        except (OSError, ValueError):
+            print(f"[raysweep] {state}: cut short by a kill; not restoring from it", flush=True)
+            state.unlink()
+    return whole
 
 
 def _dirname(trial) -> str:

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.sweep
 def test_one_card_runs_the_grid_records_failures_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
@@ -72,6 +74,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.sweep
 def test_one_card_stopped_ends_its_trials_and_reports_the_finished_ones(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [

@@ -18,6 +18,8 @@ from raysweep.errors import UserError
 from raysweep.results import load_records
 from raysweep.run import prepare_run_dir, run_lock, run_sweep
 
+pytestmark = pytest.mark.sweep
+
 METRICS = ["test_hr@10", "test_ndcg@10", "test_hr@100", "test_ndcg@100", "best_epoch", "epochs"]
 
 
@@ -400,7 +402,8 @@ def test_sigint_stops_the_sweep_and_resume_finishes_it(ray_cluster, staged_unint
     resumed = _drive(spec, run_dir, address, "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     final = pd.read_parquet(run_dir / "results.parquet").sort_values("key").reset_index(drop=True)
-    pd.testing.assert_frame_equal(final[COMPARED], staged_uninterrupted[COMPARED])  # (NaN where a trial failed)
+    # (NaN where a trial failed)
+    pd.testing.assert_frame_equal(final[COMPARED], staged_uninterrupted[COMPARED])
     table2 = final[final["in_table2"]]
     assert (table2["status"] == "ok").all() and (table2[table2["label"] == "SASRec"]["lr"] < 1).all()
     assert "Missing trials" not in (run_dir / "report" / "table2.md").read_text()

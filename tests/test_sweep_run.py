@@ -1,5 +1,5 @@
 """The sweep driver on a real (two-node, local) Ray cluster: smoke end to end, fractional
-GPUs, and resume after the driver is SIGKILLed."""
+GPUs, resume after the driver is SIGKILLed (also mid-way through Tune's state write), MLflow."""
 
 import json
 import os
@@ -14,6 +14,8 @@ import pytest
 
 from raysweep.results import load_records
 from raysweep.run import run_sweep
+
+pytestmark = pytest.mark.sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +123,28 @@ def _driver(spec, run_dir, address, *extra):
     )
 
 
+def _whole(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except ValueError:
+        return False
+
+
+def _kill_while_tune_state_is_whole(driver, run_dir):
+    """SIGKILL the driver at a moment its Tune state is whole (Tune rewrites it after every
+    checkpoint; the kill mid-write is the next test's case)."""
+    for _ in range(100):
+        os.killpg(driver.pid, signal.SIGSTOP)
+        states = list((run_dir / "tune").rglob("experiment_state-*.json"))
+        if states and all(_whole(p) for p in states):
+            break
+        os.killpg(driver.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+
 def test_resume_after_sigkill(ray_cluster, tmp_path):
     cluster, _ = ray_cluster
     spec = tmp_path / "resumable.yaml"
@@ -136,8 +160,7 @@ def test_resume_after_sigkill(ray_cluster, tmp_path):
             break
         time.sleep(0.5)
     assert driver.poll() is None, driver.stdout.read()
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    _kill_while_tune_state_is_whole(driver, run_dir)
     killed_with = len(list((run_dir / "trials").glob("*/result.json")))
     assert 1 <= killed_with < 3
 
@@ -151,6 +174,33 @@ def test_resume_after_sigkill(ray_cluster, tmp_path):
     long_run = json.loads(next(p for p in (run_dir / "trials").glob("*bce*/result.json")).read_text())
     # The running trial continued from its checkpoint instead of starting over.
     assert long_run["resumed_from_epoch"] >= 3 and long_run["epochs"] == 40
+
+
+def test_resume_after_a_kill_cut_tunes_state_short(ray_cluster, tmp_path):
+    cluster, _ = ray_cluster
+    spec = tmp_path / "cut.yaml"
+    spec.write_text(RESUMABLE.replace("max_epochs: 40", "max_epochs: 12"))
+    run_dir = tmp_path / "run"
+    driver = _driver(spec, run_dir, cluster.address)
+    deadline = time.time() + 240
+    while time.time() < deadline and driver.poll() is None:
+        finished = list((run_dir / "trials").glob("*/result.json"))
+        if finished and list((run_dir / "tune").rglob("checkpoint_*")):
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, driver.stdout.read()
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    states = list((run_dir / "tune").rglob("experiment_state-*.json"))
+    assert states
+    for state in states:  # what a kill in the middle of Tune's rewrite leaves
+        state.write_text("")
+    resumed = _driver(spec, run_dir, cluster.address, "--resume")
+    output = resumed.communicate(timeout=400)[0]
+    assert resumed.returncode == 0, output
+    assert "cut short by a kill; not restoring from it" in output
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert len(results) == 3 and results["key"].is_unique and (results["status"] == "ok").all()
 
 
 TRACKED = """
