@@ -168,6 +168,7 @@ class TrialLog(tune.Callback):
         self.best: dict[str, tuple[int, float]] = {}
         self.last_status = time.monotonic()
         self.results = LiveResults(self.run_dir)
+        self.results.flush()  # the live page reads the table, and a first stage has none yet
         self.page = LivePage(self.run_dir)
 
     def _progress(self, trials) -> None:

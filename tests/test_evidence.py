@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import NEEDS_RAY
 
 from raysweep import comparisons, paper, report
 from raysweep.config import TrialConfig, trial_key
@@ -227,3 +228,18 @@ def test_a_report_before_any_trial_finished(tmp_path):
     report.write_report(run_dir)
     text = (run_dir / "report" / "table2.md").read_text()
     assert "No trial has finished yet." in text and "- beauty SASRec+ seed 0 (seeds)" in text
+
+
+def test_the_live_page_is_written_before_any_trial_finished(tmp_path, capsys):
+    pytest.importorskip("ray", reason=NEEDS_RAY)
+    from raysweep.trainable import TrialLog
+
+    run_dir = tmp_path / "run"
+    (run_dir / "trials").mkdir(parents=True)  # the first stage of a new sweep: no table yet
+    log = TrialLog(run_dir, "seeds")
+    log.setup()
+    log._progress([])
+    log.on_experiment_end([])
+    assert "could not be written" not in capsys.readouterr().err
+    page = (run_dir / "report" / "index.html").read_text()
+    assert "No trial has finished yet." in page
