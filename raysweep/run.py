@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,12 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
+# Hooks the trial log runs at each step of Tune's loop. Tune pickles its callbacks with an
+# experiment and unpickles them on --resume, so what belongs to the running driver (its stop on a
+# signal) is looked up here when called, never kept in a callback.
+DRIVER_STEP: list[Callable[[], None]] = []
+
+
 class Interrupted(Exception):
     """The sweep was stopped by a signal; what finished is saved."""
 
@@ -249,8 +256,6 @@ class Stop:
         if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
             yield self
             return
-        from raysweep.trainable import DRIVER_STEP
-
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stays; Tune still listens on SIGUSR1
         previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
         DRIVER_STEP.append(self.forward_to_tune)

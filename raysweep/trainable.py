@@ -15,7 +15,6 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,11 +144,6 @@ def search_space(space: dict[str, Distribution]) -> dict[str, Any]:
     return out
 
 
-# Tune pickles its callbacks with an experiment and unpickles them on --resume, so what belongs
-# to the running driver (its stop on a signal) is looked up here when called, never kept in a callback.
-DRIVER_STEP: list[Callable[[], None]] = []
-
-
 class TrialLog(tune.Callback):
     """One terminal line per finished or failed trial, the results table and the live report kept
     current, and the driver's hooks run at each step of Tune's loop.
@@ -177,6 +171,8 @@ class TrialLog(tune.Callback):
         self.page.request({"stage": self.stage, "running": running, "waiting": waiting})
 
     def on_step_begin(self, iteration, trials, **info):
+        from raysweep.run import DRIVER_STEP
+
         for hook in DRIVER_STEP:
             hook()
 

@@ -335,3 +335,21 @@ def test_memory_estimate_refuses_only_what_cannot_fit():
     assert paper < 2 * 2**30  # the paper's Beauty SASRec+ 3000 is far below any machine
     assert training_bytes("sasrec", "ce", None, 64, 10**9, 1, 50, 128, **beauty) > 10**15
     assert math.isfinite(paper)
+
+
+def test_a_local_sweep_imports_no_ray_before_it_starts_one(tmp_path):
+    """Ray reads its loopback switch when it is imported: anything that imports it before
+    start_ray sets the switch opens Ray's ports beyond this machine."""
+    pytest.importorskip("ray")
+    spec = _sweep(tmp_path, GOOD)
+    probe = f"""
+import sys
+from raysweep import run
+def started(address):
+    print("ray imported before start_ray" if "ray" in sys.modules else "ray not yet imported")
+    raise SystemExit(0)
+run.start_ray = started
+run.run_sweep({str(spec)!r}, results={str(tmp_path / "run")!r})
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ray not yet imported", out.stdout + out.stderr
