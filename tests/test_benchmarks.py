@@ -129,3 +129,19 @@ def test_speed_counts_the_ops_that_compute_and_leaves_out_views():
     # expanding the seed and the leaf's detach are views.
     b = torch.ones(4, 3, requires_grad=True)
     assert speed.kernel_ops(lambda: ((b + 1) * 2).sum().backward()) == 5
+
+
+def test_speed_prints_a_row_for_the_bundled_data(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--only", "beauty-sasrec-bce"]
+        + ["--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| beauty-sasrec-bce |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    train, val, total = map(float, cells[1:4])
+    assert train > 0 and val > 0 and abs(train + val - total) < 0.02
+    assert "2 steps scaled to" in cells[-1]
