@@ -52,7 +52,7 @@ step() {  # step NAME CAP COMMAND...: at most CAP seconds (less if the budget is
   shift 2
   ((cap > left)) && cap=$left
   if ((cap < 15)); then
-    echo "== $name: not run, the session's budget is spent" | tee "$OUT/$name.txt"
+    echo "== $name: not run, the script's time budget is spent" | tee "$OUT/$name.txt"
     return
   fi
   echo "== $name (at most $cap s): $*"
