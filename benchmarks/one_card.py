@@ -9,7 +9,8 @@ machine's CPU threads split between them: what Tune's fractional GPUs amount to,
 (for a machine with a CUDA GPU and no Ray). Each finished trial becomes a record in a sweep's
 run-directory layout, so the same results.parquet, Table 2 and Figure 1 come out
 (`python -m raysweep.report OUT`), and a rerun skips the trials already recorded. Prints the
-grid's wall-clock (the target: ML-1M + Beauty Table 2 in <= 10 minutes on one card). BPR-MF needs `implicit`; without it its rows are reported as skipped.
+grid's wall-clock (the target: ML-1M + Beauty Table 2 in <= 10 minutes on one card). BPR-MF
+needs `implicit`; without it its rows are reported as skipped.
 An entry with an Optuna search runs at its base settings (searching needs the sweep driver,
 `python -m raysweep.run`).
 """

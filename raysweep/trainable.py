@@ -25,6 +25,7 @@ from ray import tune
 from raysweep import faults
 from raysweep.config import TrialConfig, trial_key
 from raysweep.errors import Diverged
+from raysweep.interrupts import DRIVER_STEP
 from raysweep.results import (
     LiveResults,
     TrialRecord,
@@ -171,8 +172,6 @@ class TrialLog(tune.Callback):
         self.page.request({"stage": self.stage, "running": running, "waiting": waiting})
 
     def on_step_begin(self, iteration, trials, **info):
-        from raysweep.run import DRIVER_STEP
-
         for hook in DRIVER_STEP:
             hook()
 
