@@ -539,10 +539,13 @@ def write_report(
 class LivePage:
     """The report rewritten while a sweep runs, in a thread of its own so that Tune's loop never
     waits for a figure: each request replaces one not yet served, and the report is written at
-    most every `every` seconds. `close` writes what is still requested and ends the thread."""
+    most every `every` seconds, and never more than a tenth of the time (a build takes longer
+    as trials accumulate, and the page must not take a trial's CPU). `close` writes what is
+    still requested and ends the thread."""
 
     def __init__(self, run_dir: Path, every: float = 10.0):
         self.run_dir, self.every = Path(run_dir), every
+        self.build_seconds = 0.0
         self.cache: dict = {}
         self.wanted: dict[str, Any] | None = None
         self.closing = False
@@ -570,10 +573,12 @@ class LivePage:
                     self.condition.wait()
                 if self.wanted is None:
                     return
-                wait = self.every - (time.monotonic() - self.written_at)
-                if wait > 0 and not self.closing:
-                    self.condition.wait(wait)
+                # (a request wakes the thread early: the deadline still holds)
+                deadline = self.written_at + max(self.every, 9 * self.build_seconds)
+                while not self.closing and (left := deadline - time.monotonic()) > 0:
+                    self.condition.wait(left)
                 progress, self.wanted = self.wanted, None
+            began = time.monotonic()
             try:
                 write_report(self.run_dir, progress, self.cache)
             except (UserError, OSError, ValueError) as exc:  # the sweep goes on; say so once per problem
@@ -583,6 +588,7 @@ class LivePage:
                         f"[raysweep] the live page could not be written: {exc}", file=sys.stderr, flush=True
                     )
             self.written_at = time.monotonic()
+            self.build_seconds = self.written_at - began
 
 
 @cli

@@ -243,3 +243,23 @@ def test_the_live_page_is_written_before_any_trial_finished(tmp_path, capsys):
     assert "could not be written" not in capsys.readouterr().err
     page = (run_dir / "report" / "index.html").read_text()
     assert "No trial has finished yet." in page
+
+
+def test_the_live_page_is_rewritten_at_most_every_period_however_often_asked(tmp_path, monkeypatch):
+    import time
+
+    writes = []
+
+    def slow_write(run_dir, progress, cache):
+        writes.append(time.monotonic())
+        time.sleep(0.15)  # a build that takes 0.15 s may run at most every 1.35 s
+
+    monkeypatch.setattr(report, "write_report", slow_write)
+    page = report.LivePage(tmp_path, every=0.5)
+    began = time.monotonic()
+    while time.monotonic() - began < 3.0:  # a trial ending every 20 ms
+        page.request({"stage": "seeds", "running": 2, "waiting": 0})
+        time.sleep(0.02)
+    page.close()
+    gaps = [b - a for a, b in zip(writes, writes[1:-1])]  # (the last write is close's)
+    assert 2 <= len(writes) <= 4 and all(gap >= 1.3 for gap in gaps), writes
