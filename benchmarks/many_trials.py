@@ -6,8 +6,8 @@ Writes a sweep of `--trials` tiny SASRec trials (the synthetic chains, hidden 8,
 100 validation users, one CPU each), runs it with `python -m raysweep.run` in local mode and
 prints the wall-clock, the trials' own compute (the sum of their training seconds), the
 driver's overhead per trial slot ((wall-clock x slots - compute) / trials), trials lost or
-duplicated, and the driver process's resident memory (sampled every 2 s) at the start, at
-its peak and at the end.
+duplicated, and the driver process's resident memory (sampled every 2 s) 10 s in, at its
+peak and at the end.
 """
 
 from __future__ import annotations
@@ -23,9 +23,15 @@ from pathlib import Path
 import pandas as pd
 
 
-def sweep_text(trials: int) -> str:
+def grid(trials: int) -> tuple[int, int]:
+    """(seeds, values of N): about `trials` trials, at most 250 N values per seed."""
     seeds = max(1, trials // 250)
-    negatives = list(range(1, trials // seeds + 1))
+    return seeds, trials // seeds
+
+
+def sweep_text(trials: int) -> str:
+    seeds, n_values = grid(trials)
+    negatives = list(range(1, n_values + 1))
     return (
         "name: many-trials\n"
         "datasets: [synthetic-chains]\n"
@@ -64,6 +70,7 @@ def main() -> None:
     samples: list[float] = []
 
     def sample() -> None:
+        time.sleep(10)  # from the driver's start-up on (before it, the RSS is the bare interpreter's)
         while driver.poll() is None:
             if (mb := rss_mb(driver.pid)) is not None:
                 samples.append(mb)
@@ -77,7 +84,8 @@ def main() -> None:
     results = pd.read_parquet(run_dir / "results.parquet")
     slots = os.cpu_count() or 1
     compute = float(results["train_seconds"].sum())
-    expected = len(sweep_text(args.trials).split("negatives: ")[1].split(",")) * max(1, args.trials // 250)
+    seeds, n_values = grid(args.trials)
+    expected = seeds * n_values
     print(
         f"exit {code}; {len(results)} trials recorded of {expected} "
         f"({results['key'].nunique()} distinct keys, {int((results['status'] != 'ok').sum())} failed)"
@@ -88,7 +96,7 @@ def main() -> None:
     )
     if samples:
         print(
-            f"driver RSS: {samples[0]:.0f} MB at the start, {max(samples):.0f} MB at its peak, "
+            f"driver RSS: {samples[0]:.0f} MB 10 s in, {max(samples):.0f} MB at its peak, "
             f"{samples[-1]:.0f} MB at the end"
         )
 
