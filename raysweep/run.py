@@ -31,7 +31,7 @@ from raysweep.config import dataset_tag, trial_key
 from raysweep.devices import resolve_device
 from raysweep.errors import UserError, cli
 from raysweep.interrupts import Interrupted, Stop
-from raysweep.results import load_records
+from raysweep.results import load_records, read_plan
 from raysweep.split import sequence_data
 from raysweep.sweep import (
     SweepSpec,
@@ -259,8 +259,9 @@ def run_sweep(
     name = spec.name if not datasets else "-".join([spec.name, *(dataset_tag(d) for d in spec.datasets)])
     run_dir = Path(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / name).absolute()
     check_run_dir(run_dir)
-    if resume:
-        load_records(run_dir)  # every record must be readable before Ray starts
+    if resume:  # every record, and the plan, must be readable before Ray starts
+        load_records(run_dir)
+        read_plan(run_dir)
     local = not (address or os.environ.get("RAY_ADDRESS"))
     check_trials(trials, where, local)
     if dry_run:
@@ -355,12 +356,23 @@ def _run_stages(
         for i, d in searches
     }
     plan["seeds"] = {"kind": "seeds", "trials": _planned(seeds)}
+    before = (read_plan(run_dir) or {}) if resume else {}
     write_plan(run_dir, plan)
     for i, dataset in searches:
         stop.check()
         stage = stage_name(dataset, i)
         [base] = [t for t in trials if t.stage == stage]  # a searched entry has one N
-        _tune_stage(stage, stage, run_dir, resume, spec, resources, search=(base, spec.models[i].search))
+        finished = before.get(stage, {}).get("finished", False)
+        _tune_stage(
+            stage,
+            stage,
+            run_dir,
+            resume,
+            spec,
+            resources,
+            search=(base, spec.models[i].search),
+            finished=finished,
+        )
         stop.check()
         plan[stage]["finished"] = True
         records = [r for r in load_records(run_dir) if stage in r.stages and r.ok]
@@ -392,6 +404,7 @@ def _tune_stage(
     resources,
     grid: list[Trial] | None = None,
     search: tuple[Trial, Any] | None = None,
+    finished: bool = False,
 ) -> None:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -430,6 +443,10 @@ def _tune_stage(
             resume_errored=True,
             restart_errored=False,
         )
+    elif search is not None and finished:
+        # A run carried from another machine (raysweep.archive): its records are the search.
+        print(f"[raysweep] {stage}: finished before; its best setting is read from the records", flush=True)
+        return
     elif grid is not None:
         if not grid:
             return

@@ -263,3 +263,71 @@ def test_the_live_page_is_rewritten_at_most_every_period_however_often_asked(tmp
     page.close()
     gaps = [b - a for a, b in zip(writes, writes[1:-1])]  # (the last write is close's)
     assert 2 <= len(writes) <= 4 and all(gap >= 1.3 for gap in gaps), writes
+
+
+def _tree(run_dir):
+    return {
+        p.relative_to(run_dir).as_posix(): p.read_bytes() if p.suffix == ".json" else pd.read_parquet(p)
+        for p in sorted((run_dir / "trials").rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_an_archive_carries_every_trial_to_another_run_directory(evidence, tmp_path):
+    from raysweep import archive
+
+    run_dir, _ = evidence
+    (run_dir / "spec.yaml").write_text("name: evidence\n")
+    assert archive.pack(run_dir, tmp_path / "trials.parquet") == 3
+    copy = tmp_path / "copy"
+    assert archive.unpack(tmp_path / "trials.parquet", copy) == (3, 0)
+    source, carried = _tree(run_dir), _tree(copy)
+    assert source.keys() == carried.keys() and len(source) == 9
+    for name, value in source.items():
+        if isinstance(value, bytes):
+            assert carried[name] == value, name
+        else:
+            pd.testing.assert_frame_equal(carried[name], value, check_exact=True)
+    assert (copy / "spec.yaml").read_text() == "name: evidence\n"
+    report.write_report(run_dir)
+    write_results(copy)
+    report.write_report(copy)
+    assert (copy / "report" / "table2.md").read_text() == (run_dir / "report" / "table2.md").read_text()
+    # A second unpack adds nothing; a trial the run lost is added back.
+    shutil.rmtree(copy / "trials" / sorted(source)[0].split("/")[1])
+    assert archive.unpack(tmp_path / "trials.parquet", copy) == (1, 2)
+
+
+def test_a_bad_archive_or_target_is_one_line_and_writes_nothing(evidence, tmp_path):
+    from raysweep import archive
+    from raysweep.errors import UserError
+
+    run_dir, _ = evidence
+    (run_dir / "spec.yaml").write_text("name: evidence\n")
+    packed = tmp_path / "trials.parquet"
+    archive.pack(run_dir, packed)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(packed.read_bytes()[:-100])
+    plain = tmp_path / "plain.parquet"
+    pd.DataFrame({"key": ["k"]}).to_parquet(plain)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    another_sweep = tmp_path / "another"
+    another_sweep.mkdir()
+    (another_sweep / "spec.yaml").write_text("name: another\n")
+    cases = [
+        (cut, tmp_path / "new1", "cut.parquet: unreadable archive"),
+        (plain, tmp_path / "new2", "plain.parquet: not a raysweep archive"),
+        (tmp_path / "absent.parquet", tmp_path / "new3", "absent.parquet: no such archive"),
+        (packed, other, "not empty and not a raysweep run directory"),
+        (packed, another_sweep, "holds another sweep than"),
+    ]
+    for source, target, message in cases:
+        before = sorted(p.name for p in target.rglob("*")) if target.exists() else None
+        with pytest.raises(UserError, match=message) as caught:
+            archive.unpack(source, target)
+        assert "\n" not in str(caught.value)
+        assert (sorted(p.name for p in target.rglob("*")) if target.exists() else None) == before
+    with pytest.raises(UserError, match="no spec.yaml here"):
+        archive.pack(other, tmp_path / "x.parquet")

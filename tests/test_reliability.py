@@ -360,11 +360,16 @@ COMPARED = [
 
 
 @pytest.fixture(scope="module")
-def staged_uninterrupted(ray_cluster, tmp_path_factory):
+def staged_run(ray_cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("staged")
     result = _drive(_spec(folder, STAGED), folder / "run", ray_cluster[0].address)
     assert result.returncode == 0, result.stdout + result.stderr
-    return pd.read_parquet(folder / "run" / "results.parquet").sort_values("key").reset_index(drop=True)
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def staged_uninterrupted(staged_run):
+    return pd.read_parquet(staged_run / "results.parquet").sort_values("key").reset_index(drop=True)
 
 
 @pytest.mark.parametrize("stage", ["search", "seeds"])
@@ -407,3 +412,22 @@ def test_sigint_stops_the_sweep_and_resume_finishes_it(ray_cluster, staged_unint
     table2 = final[final["in_table2"]]
     assert (table2["status"] == "ok").all() and (table2[table2["label"] == "SASRec"]["lr"] < 1).all()
     assert "Missing trials" not in (run_dir / "report" / "table2.md").read_text()
+
+
+def test_an_unpacked_archive_resumes_without_training_again(ray_cluster, staged_run, tmp_path, capsys):
+    """A finished sweep packed, unpacked on "another machine" (no Tune state) and resumed: the
+    search is not sampled again, no trial trains again, and the results are the same."""
+    from raysweep import archive
+
+    archive.pack(staged_run, tmp_path / "trials.parquet")
+    before = {r.key: r.to_json() for r in load_records(staged_run)}
+    run_dir = tmp_path / "carried"
+    assert archive.unpack(tmp_path / "trials.parquet", run_dir) == (len(before), 0)
+    run_sweep(_spec(tmp_path, STAGED), resume=True, results=run_dir)
+    out = capsys.readouterr().out
+    assert "search-synthetic-chains-2: finished before; its best setting is read from the records" in out
+    assert "(search-" not in out  # no search trial started
+    assert {r.key: r.to_json() for r in load_records(run_dir)} == before  # none trained or rewritten
+    carried = pd.read_parquet(run_dir / "results.parquet").sort_values("key").reset_index(drop=True)
+    original = pd.read_parquet(staged_run / "results.parquet").sort_values("key").reset_index(drop=True)
+    pd.testing.assert_frame_equal(carried[COMPARED], original[COMPARED])
