@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from raysweep.atomic import atomic_write
 from raysweep.errors import UserError, cli
-from raysweep.results import TrialRecord, load_records, read_record, record_dir, write_record
+from raysweep.results import TrialRecord, load_records, read_record, record_dir, write_record, write_results
 
 SPEC_KEY, PLAN_KEY = b"raysweep.spec", b"raysweep.plan"
 
@@ -119,6 +119,7 @@ def unpack(path: Path, run_dir: Path) -> tuple[int, int]:
         atomic_write(run_dir / "plan.json", lambda tmp: tmp.write_bytes(plan))
     if not here.is_file():
         atomic_write(here, lambda tmp: tmp.write_bytes(spec))
+    write_results(run_dir)  # so that raysweep.report reads it as it reads any run
     return added, len(rows) - added
 
 

@@ -290,8 +290,7 @@ def test_an_archive_carries_every_trial_to_another_run_directory(evidence, tmp_p
             pd.testing.assert_frame_equal(carried[name], value, check_exact=True)
     assert (copy / "spec.yaml").read_text() == "name: evidence\n"
     report.write_report(run_dir)
-    write_results(copy)
-    report.write_report(copy)
+    report.write_report(copy)  # unpack wrote its results.parquet
     assert (copy / "report" / "table2.md").read_text() == (run_dir / "report" / "table2.md").read_text()
     # A second unpack adds nothing; a trial the run lost is added back.
     shutil.rmtree(copy / "trials" / sorted(source)[0].split("/")[1])
