@@ -356,13 +356,16 @@ def _run_stages(
         for i, d in searches
     }
     plan["seeds"] = {"kind": "seeds", "trials": _planned(seeds)}
-    before = (read_plan(run_dir) or {}) if resume else {}
+    if resume:  # a search finished before stays so in the plan from the start
+        for name, stage in (read_plan(run_dir) or {}).items():
+            if stage.get("finished") and plan.get(name, {}).get("kind") == "search":
+                plan[name]["finished"] = True
     write_plan(run_dir, plan)
     for i, dataset in searches:
         stop.check()
         stage = stage_name(dataset, i)
         [base] = [t for t in trials if t.stage == stage]  # a searched entry has one N
-        finished = before.get(stage, {}).get("finished", False)
+        finished = plan[stage].get("finished", False)
         _tune_stage(
             stage,
             stage,
