@@ -80,7 +80,9 @@ def read(path: Path) -> tuple[bytes, bytes, list[dict]]:
         spec, plan = metadata[SPEC_KEY], metadata.get(PLAN_KEY, b"")
         if plan and not isinstance(json.loads(plan).get("stages"), dict):
             raise ValueError("its plan.json has no stages")
-        rows = table.to_pylist()
+        rows = table.drop_columns(["ranks"]).to_pylist()
+        for row, ranks in zip(rows, table.column("ranks").combine_chunks()):
+            row["ranks"] = ranks.values.to_numpy() if ranks.is_valid else None  # no Python ints
         for row in rows:
             row["record"] = TrialRecord.from_json(row["record"])
             if row["record"].key != row["key"]:
@@ -112,8 +114,7 @@ def unpack(path: Path, run_dir: Path) -> tuple[int, int]:
         if done is not None and (done.ok or not record.ok):
             continue
         history = json.loads(row["history"]) if row["history"] is not None else None
-        ranks = np.asarray(row["ranks"], dtype=np.int32) if row["ranks"] is not None else None
-        write_record(run_dir, record, history=history, ranks=ranks)
+        write_record(run_dir, record, history=history, ranks=row["ranks"])
         added += 1
     if plan and not (run_dir / "plan.json").is_file():
         atomic_write(run_dir / "plan.json", lambda tmp: tmp.write_bytes(plan))
