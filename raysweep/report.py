@@ -325,7 +325,9 @@ def _panels(datasets: list[str], rows: int = 1):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(rows, len(datasets), figsize=(4.8 * len(datasets), 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, len(datasets), figsize=(4.8 * len(datasets), 3.8 * rows), squeeze=False, layout="constrained"
+    )
     return plt, fig, axes
 
 
