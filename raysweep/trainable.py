@@ -160,6 +160,7 @@ class TrialLog(tune.Callback):
         from raysweep.report import LivePage
 
         self.finished = self.failed = 0
+        self.restored_counted = False
         self.best: dict[str, tuple[int, float]] = {}
         self.last_status = time.monotonic()
         self.results = LiveResults(self.run_dir)
@@ -172,6 +173,11 @@ class TrialLog(tune.Callback):
         self.page.request({"stage": self.stage, "running": running, "waiting": waiting})
 
     def on_step_begin(self, iteration, trials, **info):
+        if not self.restored_counted:  # a restored stage's ended trials never reach on_trial_complete
+            self.restored_counted = True
+            ended = [t for t in trials if t.status == "TERMINATED"]
+            self.failed = sum(bool((t.last_result or {}).get("diverged")) for t in ended)
+            self.finished = len(ended) - self.failed
         for hook in DRIVER_STEP:
             hook()
 

@@ -245,6 +245,35 @@ def test_the_live_page_is_written_before_any_trial_finished(tmp_path, capsys):
     assert "No trial has finished yet." in page
 
 
+def test_a_restored_stage_counts_its_earlier_trials_as_done_not_waiting(tmp_path, capsys):
+    pytest.importorskip("ray", reason=NEEDS_RAY)
+    from types import SimpleNamespace
+
+    from raysweep.trainable import TrialLog
+
+    def trial(status, last=None):
+        return SimpleNamespace(status=status, last_result=last or {}, trial_id=status + str(last), config={})
+
+    trials = [
+        trial("TERMINATED", {"finished": True}),
+        trial("TERMINATED", {"finished": True, "diverged": "loss is nan at epoch 3"}),
+        trial("TERMINATED", {"finished": True, "epoch": 9}),
+        trial("RUNNING"),
+        trial("PENDING"),
+    ]
+    run_dir = tmp_path / "run"
+    (run_dir / "trials").mkdir(parents=True)
+    log = TrialLog(run_dir, "seeds", every=0.0)
+    log.setup()
+    log.on_step_begin(0, trials)  # Tune hands a restored stage's trials over before its first step
+    log.on_trial_result(0, trials, trials[3], {})
+    log.on_step_begin(1, trials)  # counted once, not again at every step
+    log.on_trial_result(1, trials, trials[3], {})
+    log.on_experiment_end(trials)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[raysweep] seeds:")]
+    assert lines == ["[raysweep] seeds: 2 done, 1 failed, 1 running, 1 waiting"] * 2
+
+
 def test_the_live_page_is_rewritten_at_most_every_period_however_often_asked(tmp_path, monkeypatch):
     import time
 
