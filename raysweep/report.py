@@ -55,10 +55,13 @@ REFERENCES = {"SASRec+": ("-", "C1"), "SASRec": ("--", "C2"), "BERT4Rec": (":", 
 
 
 def _order(label: str) -> tuple:
+    """The paper's rows first, then each family of N (SASRec+ N, gSASRec N (t=0.75), ...) by N."""
     if label in PAPER_ORDER:
-        return (PAPER_ORDER.index(label), 0, "")
-    match = re.fullmatch(r"SASRec\+ (\d+)", label)
-    return (len(PAPER_ORDER), int(match.group(1)), "") if match else (len(PAPER_ORDER) + 1, 0, label)
+        return (PAPER_ORDER.index(label), "", 0)
+    match = re.search(r" (\d+)(?= |$)", label)
+    if match is None:
+        return (len(PAPER_ORDER) + 1, label, 0)
+    return (len(PAPER_ORDER), label[: match.start(1)] + "N" + label[match.end(1) :], int(match.group(1)))
 
 
 def _table2_rows(results: pd.DataFrame) -> pd.DataFrame:

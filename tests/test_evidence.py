@@ -159,6 +159,23 @@ class _Page(HTMLParser):
             self.progress += text
 
 
+def test_table2_lists_the_papers_rows_then_each_family_by_its_number_of_negatives():
+    labels = ["gSASRec 1024 (t=0.75)", "SASRec+ 16 mixed logQ", "SASRec+ 1024", "SASRec+", "BERT4Rec"]
+    labels += ["SASRec+ 256 mixed logQ", "gSASRec 16 (t=0.75)", "SASRec+ 64", "BPR-MF", "SASRec+ 3000"]
+    assert sorted(labels, key=report._order) == [
+        "BPR-MF",
+        "BERT4Rec",
+        "SASRec+",
+        "SASRec+ 64",
+        "SASRec+ 1024",
+        "SASRec+ 3000",
+        "SASRec+ 16 mixed logQ",
+        "SASRec+ 256 mixed logQ",
+        "gSASRec 16 (t=0.75)",
+        "gSASRec 1024 (t=0.75)",
+    ]
+
+
 def test_the_page_holds_everything_in_one_file(evidence):
     run_dir, _ = evidence
     report.write_report(run_dir, progress={"stage": "seeds", "running": 2, "waiting": 5})
