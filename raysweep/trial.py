@@ -155,7 +155,15 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
     model = build_model(
         cfg.model, data.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.max_len, cfg.dropout
     ).to(device)
-    fitted = fit(model, cfg, data, device, on_epoch, resume)
+    earlier = resume.get("peak_mb", 0.0) if resume is not None else 0.0  # the attempts before a resume
+
+    def peak_so_far() -> float:
+        return max(earlier, peak())
+
+    def on_epoch_with_peak(report, state) -> None:
+        on_epoch(report, lambda: {**state(), "peak_mb": peak_so_far()})
+
+    fitted = fit(model, cfg, data, device, None if on_epoch is None else on_epoch_with_peak, resume)
     ranks = rank_split(
         model, cfg, data, "test", torch.arange(data.num_users, device=device), autocast_for(cfg.amp, device)
     )
@@ -166,7 +174,7 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
         fitted.best_epoch,
         fitted.epochs,
         fitted.seconds,
-        peak(),
+        peak_so_far(),
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         precision(cfg.amp, device),
         platform.node(),

@@ -68,6 +68,25 @@ def test_resume_continues_exactly(monkeypatch):
     assert resumed.best_epoch == straight.best_epoch
 
 
+def test_a_resumed_trial_keeps_the_peak_memory_of_its_earlier_attempt():
+    from raysweep.trial import run_trial
+
+    cfg = TrialConfig.from_dict(
+        dict(dataset="synthetic-chains", loss="ce", hidden=16, max_epochs=2, patience=10, val_users=100)
+    )
+    saved = {}
+
+    def stop_after_one(report, state):
+        saved.update(state())
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_trial(cfg, on_epoch=stop_after_one)
+    assert saved["epoch"] == 1 and saved["peak_mb"] >= 0.0
+    saved["peak_mb"] = 123_456.0  # the attempt before the resume peaked far above this one
+    assert run_trial(cfg, resume=saved).peak_memory_mb == 123_456.0
+
+
 def _fixed_loss(net, cfg, data, batch, generator, rng):
     host = graphs.fixed_inputs(cfg, data, batch, rng)
     tensors = [None if a is None else torch.as_tensor(a) for a in (host.positions, host.bert_mask)]
