@@ -88,9 +88,9 @@ def rank_users(
     """Each user's target rank (int32, on the CPU); score(user_chunk) returns fp32 scores
     [chunk, num_items + 1]."""
     chunk = chunk or knob(EVAL_CHUNK_USERS, users.device)
-    ranks = []
+    ranks = torch.empty(len(users), dtype=torch.int32, device=users.device)
     for begin in range(0, len(users), chunk):
         u = users[begin : begin + chunk]
         rows, seen = seen_mask_indices(items, starts[u], seen_lengths[u])
-        ranks.append(rank_targets(score(u), targets[u], rows, seen).to(torch.int32))
-    return torch.cat(ranks).cpu() if ranks else torch.zeros(0, dtype=torch.int32)
+        ranks[begin : begin + len(u)] = rank_targets(score(u), targets[u], rows, seen)
+    return ranks.cpu()
