@@ -424,14 +424,15 @@ def figure1(results: pd.DataFrame, run_dir: Path) -> bytes | None:
     plt, fig, axes = _panels(datasets)
     for ax, dataset in zip(axes[0], datasets):
         rows = ok[ok["dataset"] == dataset].sort_values("seed").drop_duplicates("label")
-        if len(rows) > 10:  # matplotlib's default cycle repeats after ten colours
+        many = len(rows) > 10  # matplotlib's default cycle repeats after ten colours
+        if many:
             ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for _, row in sorted(rows.iterrows(), key=lambda r: _order(r[1]["label"])):
             history = _history(run_dir, row["key"])
             ax.plot(history["epoch"], history["val_ndcg@10"], label=row["label"])
         ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=dataset)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1, 1)} if len(rows) > 10 else {}))
+        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1, 1)} if many else {}))
     return _figure_png(plt, fig, "Figure 1: validation NDCG@10 by epoch")
 
 
