@@ -32,7 +32,7 @@ class Interrupted(Exception):
 class Stop:
     """SIGINT / SIGTERM while a sweep runs. The handler only notes the signal; the stage's Tune
     loop is then stopped the way Tune stops on Ctrl-C (its SIGUSR1 handler, sent from inside the
-    loop, where Tune is sure to listen: trials checkpointed, experiment state saved), and the
+    loop, where Tune is sure to listen: trials stopped, experiment state saved), and the
     sweep stops before its next stage. A second signal stops at once."""
 
     def __init__(self):

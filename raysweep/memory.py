@@ -4,7 +4,7 @@ On a GPU the peak is `torch.cuda.max_memory_allocated` above what was allocated 
 started; on the CPU it is the process's peak resident set size above its size at the start
 (Linux resets the peak through /proc/self/clear_refs, so a worker process that ran an earlier
 trial does not carry that trial's peak over; elsewhere the lifetime peak is all there is). A
-trial resumed from a checkpoint reports the larger of its own peak and its earlier attempts'.
+trial resumed from its saved state reports the larger of its own peak and its earlier attempts'.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ model entry, then the seeds stage (every grid trial, searched entries at their b
 setting). Without an address it starts a local single-node Ray (every CPU and GPU here,
 the dashboard on 127.0.0.1); with `--address auto` / RAY_ADDRESS it joins a cluster.
 
-Ctrl-C (SIGINT) or SIGTERM stops the running stage as Tune stops (trials checkpointed, the
+Ctrl-C (SIGINT) or SIGTERM stops the running stage as Tune stops (trials stopped, the
 experiment state saved), writes what finished, says the sweep is incomplete and how to resume
 it, and exits 130 (SIGINT) or 143 (SIGTERM). A sweep with failed trials exits 1.
 """
@@ -415,10 +415,6 @@ def _tune_stage(
     from raysweep import trainable as glue
 
     storage = run_dir / "tune"
-    # num_to_keep=1 makes Tune snapshot its experiment state after each trial checkpoint, so a
-    # resume never points at a deleted one; intended, and Tune's warning about those snapshots
-    # would otherwise repeat every epoch of a short trial.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's own terminal output: raysweep prints its own lines, and Tune's TensorBoard hint
     # points at a temporary folder, not at the run directory.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -436,7 +432,6 @@ def _tune_stage(
         verbose=0,
         callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     if resume and tune.Tuner.can_restore(storage / experiment) and _whole_tune_state(storage / experiment):
         tuner = tune.Tuner.restore(

@@ -91,7 +91,7 @@ class SweepSpec(Strict):
     settings: dict[str, Any] = {}  # every trial (budget: max_epochs, patience, val_users, ...)
     overrides: dict[str, dict[str, Any]] = {}  # per dataset (max_len, hidden, ...)
     resources: Resources = Resources()
-    max_retries: int = Field(2, ge=0)  # a failing trial is retried from its last checkpoint
+    max_retries: int = Field(2, ge=0)  # a failing trial is retried from its last saved state
     results: str | None = None  # run directory; default runs/<name>
     compare: list[list[str]] = []  # pairs of Table 2 models to compare over users, beside the paper's claims
     tracking: Literal["mlflow"] | None = None  # MLflow tracking (raysweep.tracking)

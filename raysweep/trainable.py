@@ -2,18 +2,17 @@
 per-trial log.
 
 The trainable is `trial.run_trial` unchanged; this module only adds what Tune needs around
-it: a report every epoch, a checkpoint of the full training state at most about once a
-minute and at the end, and a per-trial result record written by rename. A trial whose record
-exists returns at once, so a resumed sweep never re-runs finished work, even when Tune's own
-experiment snapshot is older than the crash.
+it: a report every epoch, the full training state saved beside the trial's record at most
+about once a minute and at the end, and a per-trial result record written by rename. A trial
+whose record exists returns at once, and one with a saved state continues from it, so a resumed
+sweep or a retried trial never re-runs finished work, even when Tune's own experiment snapshot
+is older than the crash.
 """
 
 from __future__ import annotations
 
-import logging
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from ray import tune
 
 from raysweep import faults
+from raysweep.atomic import atomic_write
 from raysweep.config import TrialConfig, trial_key
 from raysweep.errors import Diverged
 from raysweep.interrupts import DRIVER_STEP
@@ -32,6 +32,7 @@ from raysweep.results import (
     failed_record,
     finished_record,
     read_record,
+    record_dir,
     write_record,
 )
 from raysweep.sweep import Distribution
@@ -57,10 +58,7 @@ def summary(record: TrialRecord) -> dict[str, Any]:
 
 
 def trainable(config: dict[str, Any]) -> None:
-    """One Tune trial: `run_trial` with per-epoch reports, checkpoints and a result record."""
-    # Tune logs each checkpoint's path at INFO in the trial's worker, and Ray echoes it to the
-    # driver's terminal: a line per checkpoint between raysweep's own progress lines.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    """One Tune trial: `run_trial` with per-epoch reports, a saved state and a result record."""
     run_dir = Path(config["run_dir"])
     cfg = trial_config(config)
     key = trial_key(cfg)
@@ -73,12 +71,14 @@ def trainable(config: dict[str, Any]) -> None:
         tune.report(summary(done))
         return
     started_at = time.time()
-    checkpoint = tune.get_checkpoint()
+    # The state lives beside the record, not in a Tune checkpoint: Tune deletes a trial's older
+    # checkpoint before it snapshots its experiment state, and a kill in between leaves a
+    # snapshot that points at a deleted checkpoint, which Tune then cannot restore.
+    state_path = record_dir(run_dir, key) / STATE_FILE
     resume = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            # weights_only: our checkpoints hold tensors and plain values, never pickled objects.
-            resume = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    if state_path.is_file():
+        # weights_only: the state holds tensors and plain values, never pickled objects.
+        resume = torch.load(state_path, map_location="cpu", weights_only=True)
     last_saved = time.monotonic()
 
     def on_epoch(report, state) -> None:
@@ -88,12 +88,10 @@ def trainable(config: dict[str, Any]) -> None:
         if report.done or time.monotonic() - last_saved >= cfg.extra.get(
             "checkpoint_seconds", CHECKPOINT_SECONDS
         ):
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(state(), Path(folder) / STATE_FILE)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            snapshot = state()
+            atomic_write(state_path, lambda tmp: torch.save(snapshot, tmp))
             last_saved = time.monotonic()
-        else:
-            tune.report(metrics)
+        tune.report(metrics)
 
     where = dict(
         searched=config.get("search", {}),
@@ -106,6 +104,7 @@ def trainable(config: dict[str, Any]) -> None:
         result = run_trial(cfg, on_epoch=on_epoch, resume=resume)
     except Diverged as exc:  # settings that cannot train: no retry would help, and it must never win
         write_record(run_dir, failed_record(cfg, key, stage, str(exc), **where, finished_at=time.time()))
+        state_path.unlink(missing_ok=True)
         tune.report({"epoch": exc.epoch, "best_ndcg@10": 0.0, "finished": True, "diverged": str(exc)})
         return
     record = finished_record(
@@ -117,6 +116,7 @@ def trainable(config: dict[str, Any]) -> None:
         resumed_from_epoch=resume["epoch"] if resume is not None else None,
     )
     write_record(run_dir, record, result)
+    state_path.unlink(missing_ok=True)  # the record now says all; a rerun starts afresh
     tune.report(summary(record))
 
 

@@ -4,7 +4,7 @@ Adam, batches of 128 cut on the device from `SequenceData`, validation NDCG@10 e
 on a fixed sample of users, the paper's patience rule (a strict improvement resets it; stop
 after `patience` epochs without one or at `max_epochs`), and the best epoch's weights
 restored before the test. An `on_epoch` hook receives each epoch's report and a function
-that snapshots the full training state; the sweep layer reports and checkpoints through it.
+that snapshots the full training state; the sweep layer reports and saves it through it.
 """
 
 from __future__ import annotations

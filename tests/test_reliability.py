@@ -46,7 +46,7 @@ max_retries: 2
 """
 
 
-def test_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tmp_path):
+def test_killed_trial_is_retried_from_its_saved_state(ray_cluster, tmp_path):
     straight = run_sweep(
         _spec(tmp_path, KILLED_TRIAL.replace(", EXTRA", ""), "a.yaml"), results=tmp_path / "a"
     )
@@ -55,7 +55,7 @@ def test_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tmp_path):
     )
     [record] = load_records(killed)
     assert record.ok and record.context["resumed_from_epoch"] == 2
-    # The retry's first report is epoch 3 (after the checkpoint of epoch 2), not epoch 1.
+    # The retry's first report is epoch 3 (after the state saved at epoch 2), not epoch 1.
     assert _tune_epochs(killed, record.key) == [1, 2, 3, 4, 5]
     # And it ends exactly where an uninterrupted run ends (CPU, same seed).
     a, b = pd.read_parquet(straight / "results.parquet"), pd.read_parquet(killed / "results.parquet")

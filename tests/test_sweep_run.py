@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from raysweep.results import load_records
 from raysweep.run import run_sweep
@@ -132,8 +133,8 @@ def _whole(path: Path) -> bool:
 
 
 def _kill_while_tune_state_is_whole(driver, run_dir):
-    """SIGKILL the driver at a moment its Tune state is whole (Tune rewrites it after every
-    checkpoint; the kill mid-write is the next test's case)."""
+    """SIGKILL the driver at a moment its Tune state is whole (Tune rewrites it in place; the kill
+    mid-write is a later test's case)."""
     for _ in range(100):
         os.killpg(driver.pid, signal.SIGSTOP)
         states = list((run_dir / "tune").rglob("experiment_state-*.json"))
@@ -145,22 +146,47 @@ def _kill_while_tune_state_is_whole(driver, run_dir):
     driver.wait()
 
 
+def _saved_epoch(run_dir: Path, pattern: str) -> int:
+    """The epoch of the training state a running trial saved beside its record (0: none yet)."""
+    for path in (run_dir / "trials").glob(f"{pattern}/state.pt"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+        except (OSError, RuntimeError):  # renamed away between the glob and the load
+            pass
+    return 0
+
+
+def _wait_for(driver, ready, seconds=240):
+    deadline = time.time() + seconds
+    while time.time() < deadline and driver.poll() is None and not ready():
+        time.sleep(0.2)
+    assert driver.poll() is None, driver.stdout.read()
+
+
 def test_resume_after_sigkill(ray_cluster, tmp_path):
     cluster, _ = ray_cluster
     spec = tmp_path / "resumable.yaml"
     spec.write_text(RESUMABLE)
     run_dir = tmp_path / "run"
     driver = _driver(spec, run_dir, cluster.address)
-    deadline = time.time() + 240
-    # Kill once a trial has finished and the long one has checkpointed a few epochs.
-    while time.time() < deadline:
-        finished = len(list((run_dir / "trials").glob("*/result.json")))
-        checkpoints = list((run_dir / "tune").rglob("checkpoint_00000[3-9]"))
-        if finished >= 1 and checkpoints and driver.poll() is None:
-            break
-        time.sleep(0.5)
-    assert driver.poll() is None, driver.stdout.read()
+    states = run_dir / "tune"
+
+    def snapshot_taken():
+        found = list(states.rglob("experiment_state-*.json"))
+        return bool(found) and all(_whole(p) for p in found)
+
+    # Tune's snapshot of the stage, taken once a trial has finished and the long one has saved epoch 3...
+    _wait_for(driver, lambda: len(list((run_dir / "trials").glob("*/result.json"))) >= 1)
+    _wait_for(driver, lambda: _saved_epoch(run_dir, "*bce*") >= 3 and snapshot_taken())
+    old = {p: p.read_bytes() for p in states.rglob("experiment_state-*.json")}
+    # ...is what a kill leaves when the trial has trained on since Tune last wrote it.
+    _wait_for(driver, lambda: _saved_epoch(run_dir, "*bce*") >= 6)
     _kill_while_tune_state_is_whole(driver, run_dir)
+    trained_to = _saved_epoch(run_dir, "*bce*")
+    for state in states.rglob("experiment_state-*.json"):
+        state.unlink()
+    for path, text in old.items():
+        path.write_bytes(text)
     killed_with = len(list((run_dir / "trials").glob("*/result.json")))
     assert 1 <= killed_with < 3
 
@@ -172,8 +198,9 @@ def test_resume_after_sigkill(ray_cluster, tmp_path):
     results = pd.read_parquet(run_dir / "results.parquet")
     assert len(results) == 3 and results["key"].is_unique and (results["status"] == "ok").all()
     long_run = json.loads(next(p for p in (run_dir / "trials").glob("*bce*/result.json")).read_text())
-    # The running trial continued from its checkpoint instead of starting over.
-    assert long_run["resumed_from_epoch"] >= 3 and long_run["epochs"] == 40
+    # The running trial continued from its newest state, not from Tune's older snapshot or epoch 1.
+    assert long_run["resumed_from_epoch"] >= max(trained_to, 6) and long_run["epochs"] == 40
+    assert not list((run_dir / "trials").glob("*/state.pt"))  # a finished trial keeps only its record
 
 
 def test_resume_after_a_kill_cut_tunes_state_short(ray_cluster, tmp_path):
@@ -182,13 +209,10 @@ def test_resume_after_a_kill_cut_tunes_state_short(ray_cluster, tmp_path):
     spec.write_text(RESUMABLE.replace("max_epochs: 40", "max_epochs: 12"))
     run_dir = tmp_path / "run"
     driver = _driver(spec, run_dir, cluster.address)
-    deadline = time.time() + 240
-    while time.time() < deadline and driver.poll() is None:
-        finished = list((run_dir / "trials").glob("*/result.json"))
-        if finished and list((run_dir / "tune").rglob("checkpoint_*")):
-            break
-        time.sleep(0.5)
-    assert driver.poll() is None, driver.stdout.read()
+    _wait_for(
+        driver,
+        lambda: list((run_dir / "trials").glob("*/result.json")) and _saved_epoch(run_dir, "*bce*") >= 1,
+    )
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     states = list((run_dir / "tune").rglob("experiment_state-*.json"))
