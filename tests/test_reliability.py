@@ -99,7 +99,7 @@ def test_trial_that_keeps_failing_is_recorded_and_the_sweep_completes(ray_cluste
 LOST_NODE = """
 name: lost-node
 datasets: [synthetic-chains]
-settings: {max_epochs: 12, patience: 12, val_users: 200, hidden: 16, extra: {checkpoint_seconds: 0}}
+settings: {max_epochs: 40, patience: 40, val_users: 200, hidden: 16, extra: {checkpoint_seconds: 0}}
 models: [{model: sasrec, loss: sampled_ce, negatives: [5, 10, 15, 20]}]
 resources: {cpus: 1}
 max_retries: 3
