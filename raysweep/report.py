@@ -350,6 +350,8 @@ def figure2(results: pd.DataFrame) -> bytes | None:
     datasets = list(dict.fromkeys(sampled["dataset"]))
     memory = "peak_memory_mb" in ok and ok["peak_memory_mb"].notna().any()
     plt, fig, axes = _panels(datasets, rows=2 if memory else 1)
+    from matplotlib import ticker
+
     for column, dataset in enumerate(datasets):
         ax = axes[0][column]
         here = sampled[sampled["dataset"] == dataset]
@@ -397,6 +399,10 @@ def figure2(results: pd.DataFrame) -> bytes | None:
                 ylabel="test NDCG@10",
                 title=f"{dataset}: quality per memory",
             )
+            # Memory spans about a decade: label 1-2-5 steps, not every minor tick in 10^k form.
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     return _figure_png(plt, fig, "Figure 2: NDCG@10 against the number of negatives")
 
 
