@@ -24,15 +24,29 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysweep.atomic import atomic_write
+from raysweep.atomic import atomic_write, check_output_path
 from raysweep.errors import UserError, cli
-from raysweep.results import TrialRecord, load_records, read_record, record_dir, write_record, write_results
+from raysweep.results import (
+    TrialRecord,
+    check_plan,
+    load_records,
+    read_plan,
+    read_record,
+    record_dir,
+    write_record,
+    write_results,
+)
+from raysweep.rundir import check_run_dir, run_lock
 
 SPEC_KEY, PLAN_KEY = b"raysweep.spec", b"raysweep.plan"
+SCHEMA = pa.schema(
+    [("key", pa.string()), ("record", pa.string()), ("history", pa.string()), ("ranks", pa.list_(pa.int32()))]
+)
 
 
 def pack(run_dir: Path, out: Path) -> int:
     """Write every trial of `run_dir` to `out`; returns how many."""
+    check_output_path(Path(out).parent, "where an archive is written")
     run_dir = Path(run_dir)
     spec = run_dir / "spec.yaml"
     if not spec.is_file():
@@ -49,14 +63,8 @@ def pack(run_dir: Path, out: Path) -> int:
                 "ranks": _read_part(folder / "ranks.parquet", lambda f: f["rank"].to_numpy(np.int32)),
             }
         )
-    schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("record", pa.string()),
-            ("history", pa.string()),
-            ("ranks", pa.list_(pa.int32())),
-        ],
-        metadata={SPEC_KEY: spec.read_bytes(), PLAN_KEY: plan.read_bytes() if plan.is_file() else b""},
+    schema = SCHEMA.with_metadata(
+        {SPEC_KEY: spec.read_bytes(), PLAN_KEY: plan.read_bytes() if plan.is_file() else b""}
     )
     table = pa.Table.from_pylist(rows, schema=schema)
     atomic_write(Path(out), lambda tmp: pq.write_table(table, tmp))
@@ -72,56 +80,95 @@ def _read_part(path: Path, convert):
         raise UserError(f"{path}: unreadable ({str(exc).splitlines()[0]}); nothing was written") from None
 
 
+def _check_row(row: dict) -> None:
+    """A row is a trial as raysweep wrote it (ValueError otherwise): its record checked
+    (`check_record`: its key is the one its settings give, so no key is a path of the file's
+    choosing), a finished trial's history a list of epochs and its ranks non-negative."""
+    record = row["record"] = TrialRecord.from_json(row["record"])
+    if record.key != row["key"]:
+        raise ValueError(f"the row of {str(row['key'])[:80]!r} holds the record of {record.key}")
+    if row["history"] is not None:
+        history = row["history"] = json.loads(row["history"])
+        if not isinstance(history, list) or not all(
+            isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in history
+        ):
+            raise ValueError(f"{record.key}: its history is not a list of epochs")
+    if record.ok and (row["history"] is None or row["ranks"] is None or not len(row["ranks"])):
+        raise ValueError(f"{record.key}: a finished trial without its history and test ranks")
+    if row["ranks"] is not None and len(row["ranks"]) and row["ranks"].min() < 0:
+        raise ValueError(f"{record.key}: a negative test rank")
+
+
 def read(path: Path) -> tuple[bytes, bytes, list[dict]]:
-    """The sweep file's and plan.json's bytes, and the rows, each row's record parsed and checked."""
+    """The sweep file's and plan.json's bytes, and the rows, every row parsed and checked: an
+    archive is taken whole or not at all."""
     try:
         table = pq.read_table(path)
         metadata = table.schema.metadata or {}
         spec, plan = metadata[SPEC_KEY], metadata.get(PLAN_KEY, b"")
-        if plan and not isinstance(json.loads(plan).get("stages"), dict):
-            raise ValueError("its plan.json has no stages")
+        if not table.schema.remove_metadata().equals(SCHEMA):
+            raise ValueError(
+                f"its columns are {table.schema.remove_metadata().to_string()!r}, not a raysweep archive's"
+            )
+        spec.decode("utf-8")
+        if plan:
+            check_plan(json.loads(plan))
         rows = table.drop_columns(["ranks"]).to_pylist()
         for row, ranks in zip(rows, table.column("ranks").combine_chunks()):
             row["ranks"] = ranks.values.to_numpy() if ranks.is_valid else None  # no Python ints
-        for row in rows:
-            row["record"] = TrialRecord.from_json(row["record"])
-            if row["record"].key != row["key"]:
-                raise ValueError(f"the row of {row['key']} holds the record of {row['record'].key}")
+        for number, row in enumerate(rows):
+            try:
+                _check_row(row)
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise ValueError(f"row {number}: {exc}") from None
+        keys = [row["key"] for row in rows]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a trial appears twice")
     except FileNotFoundError:
         raise UserError(f"{path}: no such archive") from None
     except KeyError:
         raise UserError(f"{path}: not a raysweep archive (no sweep file in its metadata)") from None
-    except (OSError, ValueError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise UserError(f"{path}: unreadable archive ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, TypeError, RecursionError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(
+            f"{path}: damaged archive, nothing was written ({str(exc).splitlines()[0][:300]})"
+        ) from None
     return spec, plan, rows
 
 
 def unpack(path: Path, run_dir: Path) -> tuple[int, int]:
-    """Add the archive's trials that `run_dir` lacks; returns (added, already there). Everything
-    is read and checked before anything is written."""
-    from raysweep.run import check_run_dir
-
+    """Add the archive's trials that `run_dir` lacks; returns (added, already there). The whole
+    archive is read and checked, and the run directory locked, before anything is written."""
     spec, plan, rows = read(Path(path))
-    run_dir = Path(run_dir).absolute()
-    check_run_dir(run_dir)
+    run_dir = check_run_dir(run_dir)
     here = run_dir / "spec.yaml"
     if here.is_file() and here.read_bytes() != spec:
         raise UserError(f"{run_dir}: holds another sweep than {path} (their sweep files differ)")
-    added = 0
-    for row in rows:
-        record = row["record"]
-        done = read_record(run_dir, record.key)
-        if done is not None and (done.ok or not record.ok):
-            continue
-        history = json.loads(row["history"]) if row["history"] is not None else None
-        write_record(run_dir, record, history=history, ranks=row["ranks"])
-        added += 1
-    if plan and not (run_dir / "plan.json").is_file():
-        atomic_write(run_dir / "plan.json", lambda tmp: tmp.write_bytes(plan))
-    if not here.is_file():
-        atomic_write(here, lambda tmp: tmp.write_bytes(spec))
-    write_results(run_dir)  # so that raysweep.report reads it as it reads any run
-    return added, len(rows) - added
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot create the run directory ({exc.strerror})") from None
+    with run_lock(run_dir):
+        ours = read_plan(run_dir)
+        theirs = json.loads(plan) if plan else {}
+        for name, digest in theirs.get("data", {}).items():
+            if (ours or {}).get("data", {}).get(name, digest) != digest:
+                raise UserError(
+                    f"{run_dir}: its dataset {name} is not the one the archive's trials read (their "
+                    "interactions hash differently); nothing was written"
+                )
+        todo = []
+        for row in rows:
+            done = read_record(run_dir, row["key"])
+            if done is None or (not done.ok and row["record"].ok):
+                todo.append(row)
+        for row in todo:
+            write_record(run_dir, row["record"], history=row["history"], ranks=row["ranks"])
+        if plan and ours is None:
+            atomic_write(run_dir / "plan.json", lambda tmp: tmp.write_bytes(plan))
+        if not here.is_file():
+            atomic_write(here, lambda tmp: tmp.write_bytes(spec))
+        write_results(run_dir)  # so that raysweep.report reads it as it reads any run
+    return len(todo), len(rows) - len(todo)
 
 
 @cli

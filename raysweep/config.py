@@ -90,10 +90,22 @@ class TrialConfig:
         # None means "the default" (e.g. negatives: null in a sweep file for a non-sampled loss).
         return cls(**{k: v for k, v in values.items() if v is not None}).resolved(where)
 
+    def check_seed(self, where: str) -> None:
+        """A seed every generator takes (torch, NumPy and implicit: 0 <= seed < 2^32)."""
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"{where}: seed must be an integer in [0, 2^32), got {self.seed}")
+
     def resolved(self, where: str = "trial") -> TrialConfig:
         """Fill the paper's defaults and refuse impossible combinations."""
         from raysweep.data import get_dataset
 
+        self.check_seed(where)
+        try:  # free-form tags travel in records and Tune's JSON: plain JSON values only
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise UserError(
+                f"{where}: extra must hold plain JSON values (numbers, strings, lists), {exc}"
+            ) from None
         ds = get_dataset(self.dataset)
         bert = self.model == "bert4rec"
         if self.model not in MODELS:
@@ -269,7 +281,8 @@ def dataset_tag(name: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).name.removesuffix(".gz").removesuffix(".txt")).lstrip(
         "."
     )
-    return f"{stem or 'data'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+    # (a path component holds at most 255 bytes: the stem is cut, the hash keeps names apart)
+    return f"{stem[:60] or 'data'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 def trial_key(cfg: TrialConfig) -> str:

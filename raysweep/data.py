@@ -114,10 +114,13 @@ def get_dataset(name: str) -> Dataset:
     """A registry entry, or a user's own `.txt` / `.txt.gz` sequence file given by path."""
     if name.endswith((".txt", ".txt.gz")):
         path = Path(name)
-        if path.is_dir():
-            raise UserError(f"{name}: is a folder, not a data file")
-        if not path.is_file():
-            raise UserError(f"{name}: no such data file")
+        try:
+            if path.is_dir():
+                raise UserError(f"{name}: is a folder, not a data file")
+            if not path.is_file():
+                raise UserError(f"{name}: no such data file")
+        except OSError as exc:  # a name longer than the file system allows, say
+            raise UserError(f"{name[:120]}...: cannot be a data file ({exc.strerror})") from None
         return Dataset(name=name, filename=path.name, git_blob=None, max_len=50, path=path)
     try:
         return REGISTRY[name]

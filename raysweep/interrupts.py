@@ -58,6 +58,13 @@ class Stop:
         if self.signum is not None:
             raise Interrupted(self.signum)
 
+    def reinstall(self) -> None:
+        """Put the handlers back after a library replaced them (ray.init installs a SIGTERM
+        handler that exits from wherever the signal lands, skipping the report)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self._handler)
+
     @contextlib.contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)

@@ -64,10 +64,38 @@ def _order(label: str) -> tuple:
     return (len(PAPER_ORDER), label[: match.start(1)] + "N" + label[match.end(1) :], int(match.group(1)))
 
 
-def _table2_rows(results: pd.DataFrame) -> pd.DataFrame:
+def trusted(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The results table split into rows a report may count and damaged rows it only lists: a
+    record that failed its checks (status "damaged"), and, in a table edited by hand, a finished
+    row whose metrics are not numbers in [0, 1], whose seed is not an integer or whose label is
+    not a plain short name."""
     if results.empty:
-        return results
-    return results[(results["status"] == "ok") & results["in_table2"]]
+        return results, results
+    metrics = [c for c, _, _ in METRICS if c in results]
+    finished = results["status"] == "ok"
+    values = results[metrics].apply(pd.to_numeric, errors="coerce")
+    sane = values.ge(0).all(axis=1) & values.le(1).all(axis=1) & (len(metrics) == len(METRICS))
+    seeds = pd.to_numeric(results.get("seed"), errors="coerce")
+    sane &= seeds.notna() & (seeds == seeds.round())
+    labels = results["label"].astype(str)
+    sane &= labels.str.len().between(1, 200) & results["dataset"].astype(str).str.len().le(4096)
+    forged = finished & ~sane
+    damaged = results.assign(
+        error=results.get("error", pd.Series(None, index=results.index)).where(
+            ~forged, "its metrics, seed or label are not a trial's (edited by hand?)"
+        )
+    )[forged | (results["status"] == "damaged")]
+    counted = ~forged & (results["status"] != "damaged")
+    ok = results[counted].copy()
+    ok[metrics] = values[counted]
+    return ok, damaged
+
+
+def _table2_rows(results: pd.DataFrame) -> pd.DataFrame:
+    ok, _ = trusted(results)
+    if ok.empty:
+        return ok
+    return ok[(ok["status"] == "ok") & ok["in_table2"].astype(bool)]
 
 
 def _verdict(group: pd.DataFrame, paper) -> str:
@@ -170,7 +198,9 @@ class Parts:
     comparisons: list[paired.Comparison]
     notes: list[str]  # comparisons that could not be made, and why
     failed: pd.DataFrame
+    damaged: pd.DataFrame  # records that failed their checks: listed, never counted
     missing: list[str]
+    state: str  # "complete", or "incomplete: ..." (what is missing), from the sweep's plan
     figure1: bytes | None
     figure2: bytes | None
 
@@ -206,10 +236,10 @@ def comparison_table(items: list[paired.Comparison]) -> pd.DataFrame:
 
 def markdown(parts: Parts) -> str:
     out = ["# Table 2: test metrics (full ranking, seen items removed)", ""]
-    if parts.missing:
+    if parts.state != "complete":
         out += [
-            f"**The sweep is incomplete: {len(parts.missing)} planned trial(s) or search(es) have no result "
-            "yet** (`python -m raysweep.run SWEEP --resume` finishes them); they are listed at the end.",
+            f"**The sweep is {parts.state}** (`python -m raysweep.run SWEEP --resume` finishes it); what is "
+            "missing is listed at the end.",
             "",
         ]
     shown = formatted(parts.table)
@@ -244,6 +274,10 @@ def markdown(parts: Parts) -> str:
             f"- {r['dataset']} {r['label']} seed {r['seed']} ({r['stages']}): {r.get('error') or 'failed'}"
             for _, r in parts.failed.iterrows()
         ]
+        out.append("")
+    if len(parts.damaged):
+        out += ["## Damaged records (not counted)", ""]
+        out += [f"- {r['key']}: {r.get('error')}" for _, r in parts.damaged.iterrows()]
         out.append("")
     if parts.missing:
         out += ["## Missing trials", "", *[f"- {line}" for line in parts.missing], ""]
@@ -442,18 +476,44 @@ def figure1(results: pd.DataFrame, run_dir: Path) -> bytes | None:
     return _figure_png(plt, fig, "Figure 1: validation NDCG@10 by epoch")
 
 
-def progress_line(results: pd.DataFrame, missing: list[str], progress: dict[str, Any] | None) -> str:
-    done = int((results["status"] == "ok").sum()) if len(results) else 0
-    failed = int((results["status"] != "ok").sum()) if len(results) else 0
-    if progress is None:
-        waiting = sum(1 for line in missing if "search" not in line.split(":")[0])
-        return f"{done} done, {failed} failed, {waiting} not run" + (
-            "" if missing else " (the sweep is complete)"
+def sweep_state(plan: dict[str, Any] | None, missing: list[str]) -> str:
+    """ "complete" only when the plan says every stage ran and no planned trial lacks a result."""
+    trials = sum(1 for line in missing if not line.startswith("search-"))
+    searches = len(missing) - trials
+    if missing:
+        return "incomplete: " + ", ".join(
+            part
+            for part in (
+                f"{trials} trial(s) not run" if trials else "",
+                f"{searches} search(es) not finished" if searches else "",
+            )
+            if part
         )
+    if plan is None:
+        return "incomplete: it has no plan.json, so what it meant to run is not known"
+    if plan.get("complete") is False:  # (plans written before raysweep kept this mark have none)
+        return "incomplete: it was stopped before its last stage ended"
+    return "complete"
+
+
+def progress_line(results: pd.DataFrame, parts: Parts, progress: dict[str, Any] | None) -> str:
+    counts = results["status"].value_counts() if len(results) else pd.Series(dtype=int)
+    forged = int((parts.damaged["status"] == "ok").sum()) if len(parts.damaged) else 0
+    done, failed = int(counts.get("ok", 0)) - forged, int(counts.get("failed", 0))
+    damaged = f", {len(parts.damaged)} damaged" if len(parts.damaged) else ""
+    if progress is None:
+        return f"{done} done, {failed} failed{damaged}; the sweep is {parts.state}"
+    updated = time.strftime("%Y-%m-%d %H:%M:%S")
     return (
-        f"{done} done, {failed} failed, {progress['running']} running, {progress['waiting']} waiting "
-        f"(stage {progress['stage']}; updated {time.strftime('%Y-%m-%d %H:%M:%S')})"
+        f"{done} done, {failed} failed{damaged}, {progress['running']} running, "
+        f"{progress['waiting']} waiting (stage {progress['stage']}; updated {updated})"
     )
+
+
+def _slug(text: str) -> str:
+    """A value as an HTML id: letters, digits, '-' and '_' only (ids are attributes: nothing of
+    the value may close them)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(text))[:80]
 
 
 def index_html(name: str, parts: Parts, progress: str, live: bool) -> str:
@@ -483,7 +543,9 @@ def index_html(name: str, parts: Parts, progress: str, live: bool) -> str:
     for dataset, group in shown.groupby("Dataset", sort=False):
         out += [
             f"<h3>{esc(dataset)}</h3>",
-            group[COLUMNS].to_html(index=False, classes="table2", border=0, table_id=f"table2-{dataset}"),
+            group[COLUMNS].to_html(
+                index=False, classes="table2", border=0, table_id=f"table2-{_slug(dataset)}"
+            ),
         ]
     if parts.comparisons or parts.notes:
         out += ["<h2>Paired comparisons</h2>", "<ul>"]
@@ -506,6 +568,10 @@ def index_html(name: str, parts: Parts, progress: str, live: bool) -> str:
             f"{esc(r.get('error') or 'failed')}</li>"
             for _, r in parts.failed.iterrows()
         ] + ["</ul>"]
+    if len(parts.damaged):
+        out += ["<h2>Damaged records (not counted)</h2>", "<ul>"]
+        out += [f"<li>{esc(r['key'])}: {esc(r.get('error'))}</li>" for _, r in parts.damaged.iterrows()]
+        out.append("</ul>")
     if parts.missing:
         out += [
             "<h2>Missing trials</h2>",
@@ -518,10 +584,22 @@ def index_html(name: str, parts: Parts, progress: str, live: bool) -> str:
 
 def build(run_dir: Path, cache: dict | None = None) -> tuple[Parts, pd.DataFrame]:
     results = read_results(run_dir)
-    missing = missing_trials(read_plan(run_dir), results)
-    items, notes = compare_models(run_dir, results, sweep_pairs(run_dir), cache)
-    failed = results[results["status"] != "ok"] if len(results) else results
-    parts = Parts(table2(results), items, notes, failed, missing, figure1(results, run_dir), figure2(results))
+    plan = read_plan(run_dir)
+    ok, damaged = trusted(results)
+    missing = missing_trials(plan, ok)
+    items, notes = compare_models(run_dir, ok, sweep_pairs(run_dir), cache)
+    failed = ok[ok["status"] == "failed"] if len(ok) else ok
+    parts = Parts(
+        table2(ok),
+        items,
+        notes,
+        failed,
+        damaged,
+        missing,
+        sweep_state(plan, missing),
+        figure1(ok, run_dir),
+        figure2(ok),
+    )
     return parts, results
 
 
@@ -539,7 +617,7 @@ def write_report(
         "figure1.png": parts.figure1,
         "figure2.png": parts.figure2,
         "index.html": index_html(
-            name, parts, progress_line(results, parts.missing, progress), live=progress is not None
+            name, parts, progress_line(results, parts, progress), live=progress is not None
         ).encode(),
     }
     written = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import pandas as pd
 
 from raysweep import faults
 from raysweep.atomic import atomic_write
-from raysweep.config import TrialConfig
+from raysweep.config import TrialConfig, trial_key
 from raysweep.errors import UserError
 from raysweep.trial import TrialResult, write_history_and_ranks
 
@@ -47,6 +49,7 @@ class TrialRecord:
     device: str | None = None
     precision: str | None = None
     node: str | None = None
+    data_sha256: str | None = None  # the dataset's content the trial read (older records: none)
     context: dict[str, Any] = field(
         default_factory=dict
     )  # host, node_id, started_at, finished_at, resources, ...
@@ -63,14 +66,84 @@ class TrialRecord:
 
     @classmethod
     def from_json(cls, text: str) -> TrialRecord:
+        """A record read back and checked (`check_record`); ValueError names what is wrong."""
         values = json.loads(text)
         if not isinstance(values, dict) or not {"key", "status", "stages", "label", "config"} <= set(values):
             raise ValueError("not a trial record")
         known = {f.name for f in dataclasses.fields(cls)} - {"context"}
-        return cls(
+        record = cls(
             **{k: v for k, v in values.items() if k in known},
             context={k: v for k, v in values.items() if k not in known},
         )
+        check_record(record)
+        return record
+
+
+KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+STAGE = re.compile(r"seeds|search-[A-Za-z0-9_.-]{1,200}")
+TEST_METRICS = ("hr@10", "ndcg@10", "hr@100", "ndcg@100")
+
+
+def _metric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_record(r: TrialRecord) -> None:
+    """A record's values are what raysweep writes, or it is damaged (ValueError): its key is the
+    one its own settings give (so a key is never a path of the file's choosing), its label is its
+    settings' label, its metrics are numbers in [0, 1] (never NaN or infinite), its epochs are
+    positive integers."""
+    if not isinstance(r.key, str) or not KEY.fullmatch(r.key):
+        raise ValueError(f"its key {str(r.key)[:80]!r} is not a trial key")
+    if not isinstance(r.config, dict):
+        raise ValueError(f"its settings are a {type(r.config).__name__}, not a mapping")
+    try:
+        TrialConfig.check_keys(r.config, "settings")
+        cfg = TrialConfig(**r.config)
+        cfg.check_seed("settings")
+        key, label = trial_key(cfg), cfg.label
+    except (UserError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ValueError(f"its settings are not a trial's ({str(exc)[:200]})") from None
+    if key != r.key:
+        raise ValueError(f"its key {r.key!r} is not the one its settings give ({key})")
+    if r.label != label:
+        raise ValueError(f"its label {str(r.label)[:80]!r} is not its settings' ({label})")
+    if (
+        not isinstance(r.stages, list)
+        or not r.stages
+        or not all(isinstance(s, str) and STAGE.fullmatch(s) for s in r.stages)
+    ):
+        raise ValueError(f"its stages {str(r.stages)[:80]} are not stage names")
+    if not isinstance(r.searched, dict) or not isinstance(r.context, dict):
+        raise ValueError("its searched values or context are not a mapping")
+    if r.data_sha256 is not None and not (
+        isinstance(r.data_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", r.data_sha256)
+    ):
+        raise ValueError(f"its data hash {str(r.data_sha256)[:80]!r} is not a SHA-256")
+    if r.status == "failed":
+        if not isinstance(r.error, str):
+            raise ValueError("a failed record without its error")
+        return
+    if r.status != "ok":
+        raise ValueError(f"its status {str(r.status)[:40]!r} is neither ok nor failed")
+    if not isinstance(r.test, dict) or not all(_metric(r.test.get(m)) for m in TEST_METRICS):
+        raise ValueError(f"its test metrics are not numbers in [0, 1]: {str(r.test)[:200]}")
+    if not all(_metric(v) for v in r.test.values()):
+        raise ValueError(f"its test metrics are not numbers in [0, 1]: {str(r.test)[:200]}")
+    if not isinstance(r.val, dict) or not _metric(r.val.get("ndcg@10")):
+        raise ValueError(f"its validation NDCG@10 is not a number in [0, 1]: {str(r.val)[:200]}")
+    if not (_count(r.best_epoch) and _count(r.epochs) and r.best_epoch <= r.epochs):
+        raise ValueError(f"its epochs (best {r.best_epoch!r} of {r.epochs!r}) are not positive integers")
+    for name in ("train_seconds", "seconds_per_epoch", "peak_memory_mb"):
+        value = getattr(r, name)
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+        ):
+            raise ValueError(f"its {name} {value!r} is not a finite number >= 0")
 
 
 def finished_record(
@@ -105,9 +178,9 @@ def record_dir(run_dir: Path, key: str) -> Path:
 def _read(path: Path) -> TrialRecord:
     try:
         return TrialRecord.from_json(path.read_text())
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
         raise UserError(
-            f"{path}: unreadable trial record ({exc}); delete {path.parent} to run that trial again"
+            f"{path}: damaged trial record ({str(exc)[:300]}); delete {path.parent} to run that trial again"
         ) from None
 
 
@@ -132,8 +205,42 @@ def write_record(
     atomic_write(folder / "result.json", lambda tmp: tmp.write_text(record.to_json()))
 
 
+def _record_paths(run_dir: Path) -> list[Path]:
+    return sorted((Path(run_dir) / "trials").glob("*/result.json"))
+
+
 def load_records(run_dir: Path) -> list[TrialRecord]:
-    return [_read(path) for path in sorted((Path(run_dir) / "trials").glob("*/result.json"))]
+    """Every record; the first damaged one is an error (a resume or a pack refuses to go on)."""
+    return [_read(path) for path in _record_paths(run_dir)]
+
+
+@dataclass
+class Damaged:
+    """A record that cannot be trusted: where it is and why. It is listed, never counted."""
+
+    path: Path
+    reason: str
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "key": self.path.parent.name,
+            "stages": "",
+            "in_table2": False,
+            "status": "damaged",
+            "label": "",
+            "error": f"{self.path}: {self.reason}",
+        }
+
+
+def scan_records(run_dir: Path) -> tuple[list[TrialRecord], list[Damaged]]:
+    """Every record that reads back whole and checked, and the damaged ones apart."""
+    records, damaged = [], []
+    for path in _record_paths(run_dir):
+        try:
+            records.append(_read(path))
+        except UserError as exc:
+            damaged.append(Damaged(path, str(exc).removeprefix(f"{path}: ")))
+    return records, damaged
 
 
 def record_row(r: TrialRecord) -> dict[str, Any]:
@@ -168,8 +275,8 @@ def record_row(r: TrialRecord) -> dict[str, Any]:
     return row
 
 
-def records_table(records: list[TrialRecord]) -> pd.DataFrame:
-    return pd.DataFrame([record_row(r) for r in records])
+def records_table(records: list[TrialRecord], damaged: list[Damaged] = ()) -> pd.DataFrame:
+    return pd.DataFrame([record_row(r) for r in records] + [d.row() for d in damaged])
 
 
 def write_table(run_dir: Path, table: pd.DataFrame) -> None:
@@ -182,7 +289,7 @@ def write_table(run_dir: Path, table: pd.DataFrame) -> None:
 
 def write_results(run_dir: Path) -> pd.DataFrame:
     """results.parquet rebuilt from every record (at a stage's end; `LiveResults` between)."""
-    table = records_table(load_records(run_dir))
+    table = records_table(*scan_records(run_dir))
     write_table(run_dir, table)
     return table
 
@@ -194,14 +301,20 @@ class LiveResults:
 
     def __init__(self, run_dir: Path, every: float = 5.0):
         self.run_dir, self.every = Path(run_dir), every
-        self.rows = {r.key: record_row(r) for r in load_records(run_dir)}
+        records, damaged = scan_records(run_dir)
+        self.rows = {r.key: record_row(r) for r in records} | {d.row()["key"]: d.row() for d in damaged}
         self.written_at: float | None = None
         self.dirty = False
 
     def update(self, key: str) -> None:
-        record = read_record(self.run_dir, key)
-        if record is not None:
-            self.rows[key] = record_row(record)
+        try:
+            record = read_record(self.run_dir, key)
+            row = None if record is None else record_row(record)
+        except UserError as exc:
+            path = record_dir(self.run_dir, key) / "result.json"
+            row = Damaged(path, str(exc).removeprefix(f"{path}: ")).row()
+        if row is not None:
+            self.rows[key] = row
             self.dirty = True
         if self.written_at is None or time.monotonic() - self.written_at >= self.every:
             self.flush()
@@ -225,29 +338,71 @@ def read_results(run_dir: Path) -> pd.DataFrame:
         ) from None
 
 
+def check_plan(plan: Any) -> dict[str, Any]:
+    """plan.json's document, checked (ValueError names what is wrong): `stages` maps each stage
+    to its kind, trials and, for a search, samples, whether it finished and the seeds that wait
+    for its best setting; `data` maps each dataset to the SHA-256 of its interactions;
+    `complete` is true once every stage ran."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("stages"), dict):
+        raise ValueError("it has no stages")
+    for name, stage in plan["stages"].items():
+        if not isinstance(stage, dict) or stage.get("kind") not in ("search", "seeds"):
+            raise ValueError(f"stage {str(name)[:80]!r} is not a stage (a kind and its trials)")
+        if not isinstance(name, str) or not STAGE.fullmatch(name):
+            raise ValueError(f"{str(name)[:80]!r} is not a stage name")
+        for field_name in ("trials", "waiting"):
+            trials = stage.get(field_name, [])
+            if not isinstance(trials, list) or not all(
+                isinstance(t, dict)
+                and isinstance(t.get("dataset"), str)
+                and isinstance(t.get("label"), str)
+                and len(t["label"]) <= 200
+                and isinstance(t.get("seed"), int)
+                and isinstance(t.get("key", ""), str)
+                for t in trials
+            ):
+                raise ValueError(f"stage {name!r}: its {field_name} are not trials (dataset, label, seed)")
+        if stage["kind"] == "search" and not _count(stage.get("samples")):
+            raise ValueError(f"stage {name!r}: a search without its number of samples")
+    data = plan.get("data", {})
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError("its data hashes are not a mapping of dataset to hash")
+    return plan
+
+
 def read_plan(run_dir: Path) -> dict[str, Any] | None:
-    """The sweep's plan.json (stages and their trials), or None where the driver wrote none."""
+    """The sweep's plan.json, checked (`check_plan`), or None where the driver wrote none."""
     path = Path(run_dir) / "plan.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["stages"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: unreadable sweep plan ({exc})") from None
+        return check_plan(json.loads(path.read_text()))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: damaged sweep plan ({str(exc)[:300]})") from None
+
+
+def write_plan(run_dir: Path, plan: dict[str, Any]) -> None:
+    atomic_write(Path(run_dir) / "plan.json", lambda tmp: tmp.write_text(json.dumps(plan, indent=1) + "\n"))
 
 
 def missing_trials(plan: dict[str, Any] | None, results: pd.DataFrame) -> list[str]:
-    """One line per planned trial without a record, and per search stage not yet finished."""
+    """One line per planned trial without a finished or failed record, per search stage not yet
+    finished, and per trial that waits for an unfinished search's best setting."""
     if plan is None:
         return []
-    keys = set(results["key"]) if "key" in results else set()
+    ended = results["status"].isin(["ok", "failed"]) if "status" in results else []
+    keys = set(results["key"][ended]) if "key" in results else set()
     lines = []
-    for name, stage in plan.items():
+    for name, stage in plan["stages"].items():
         if stage["kind"] == "search" and not stage.get("finished"):
             lines.append(
                 f"{name}: the Optuna search ({stage['samples']} samples) has not finished; the seeds of "
                 "its best setting wait for it"
             )
+            lines += [
+                f"{t['dataset']} {t['label']} seed {t['seed']} (the best setting of {name})"
+                for t in stage.get("waiting", [])
+            ]
         for trial in stage["trials"]:
             if trial["key"] not in keys:
                 lines.append(f"{trial['dataset']} {trial['label']} seed {trial['seed']} ({name})")

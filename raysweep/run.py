@@ -26,12 +26,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from raysweep import faults
 from raysweep.atomic import atomic_write
 from raysweep.config import dataset_tag, trial_key
 from raysweep.devices import resolve_device
 from raysweep.errors import UserError, cli
 from raysweep.interrupts import Interrupted, Stop
-from raysweep.results import load_records, read_plan
+from raysweep.results import load_records, read_plan, read_record, write_plan
+from raysweep.rundir import check_run_dir, run_lock
 from raysweep.split import sequence_data
 from raysweep.sweep import (
     SweepSpec,
@@ -46,10 +48,10 @@ from raysweep.sweep import (
 from raysweep.trial import check_fits, check_negatives, load_split
 
 
-def check_trials(trials: list[Trial], where: str, local: bool) -> None:
+def check_trials(trials: list[Trial], where: str, local: bool) -> dict[str, str]:
     """Load each dataset once (verifies and caches it); check that every trial has something to
     learn, fits its device (in local mode, where the trials run on this machine) and can draw its
-    N negatives from the pool."""
+    N negatives from the pool. Returns each dataset's content hash (`Split.sha256`)."""
     splits: dict[str, Any] = {}
     datasets: dict[tuple[str, int], Any] = {}
     for trial in trials:
@@ -65,6 +67,32 @@ def check_trials(trials: list[Trial], where: str, local: bool) -> None:
             check_negatives(cfg, datasets[cfg.dataset, cfg.max_len])
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
+    return {name: split.sha256() for name, split in splits.items()}
+
+
+def check_resources(resources, where: str, local: bool) -> None:
+    """A trial's request that no node could ever grant waits forever: refused. In local mode the
+    one node is this machine."""
+    if not local:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if resources.cpus > cpus:
+        raise UserError(
+            f"{where}: resources.cpus: each trial asks for {resources.cpus:g} CPUs and this machine has "
+            f"{cpus}, so no trial could ever start; ask for {cpus} or fewer"
+        )
+
+
+def check_same_data(plan: dict[str, Any] | None, hashes: dict[str, str], run_dir: Path) -> None:
+    """A resumed run trains on the data it started with: a dataset whose content changed since
+    is refused, so a report never mixes trials of two versions of a file."""
+    for name, digest in (plan or {}).get("data", {}).items():
+        if name in hashes and hashes[name] != digest:
+            raise UserError(
+                f"{run_dir}: dataset {name} changed since this run started (its interactions now hash to "
+                f"{hashes[name][:12]}, the run's to {digest[:12]}); resume with the data it started with, "
+                "or start a new run"
+            )
 
 
 def trial_table(trials: list[Trial], gpus: float, cpus: float) -> str:
@@ -78,49 +106,6 @@ def trial_table(trials: list[Trial], gpus: float, cpus: float) -> str:
     searches = {t.stage for t in trials if t.stage != "seeds"}
     lines.append(f"{len(trials)} trials ({len(searches)} search stages, each sampling more)")
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Only one driver per run directory: a second one is refused, not interleaved."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(run_dir / ".lock", timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise UserError(f"{run_dir}: another raysweep driver is running on this run directory") from None
-    except OSError as exc:
-        raise UserError(f"{run_dir}: results directory is not writable ({exc.strerror})") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-# Folders of the operating system: a run directory is never one of them, nor inside one.
-SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
-DRIVER_FILES = {".lock", ".write-probe"}
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """A run directory is a folder of its own: not a system folder, and not a non-empty folder
-    that holds something other than a raysweep run."""
-    if run_dir == Path(run_dir.anchor) or any(
-        run_dir == Path(d) or Path(d) in run_dir.parents for d in SYSTEM_DIRS
-    ):
-        raise UserError(
-            f"{run_dir}: a system folder cannot be a run directory; set 'results' to a folder of your own"
-        )
-    if run_dir.is_dir() and not (run_dir / "spec.yaml").is_file():
-        others = [p.name for p in run_dir.iterdir() if p.name not in DRIVER_FILES]
-        if others:
-            raise UserError(
-                f"{run_dir}: not empty and not a raysweep run directory (it holds {sorted(others)[0]!r}); "
-                "set 'results' to a new folder"
-            )
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: exists and is not a folder")
 
 
 def prepare_run_dir(run_dir: Path, spec_path: Path, resume: bool) -> bool:
@@ -171,6 +156,38 @@ def check_address(address: str | None) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def loopback_only():
+    """The environment Ray's processes start with in local mode: nothing they send leaves this
+    machine. Ray's dashboard process loads its usage-stats module even without the dashboard, and
+    that module asks the cloud metadata addresses (169.254.169.254, metadata.google.internal)
+    which cloud it runs on whenever ~/ray_bootstrap_config.yaml is absent, whatever
+    RAY_USAGE_STATS_ENABLED says; no Ray setting turns that off. Those requests go through an
+    HTTP proxy when one is set, so Ray's processes get a proxy on a closed port of this machine:
+    the requests fail at once, without a DNS lookup or a packet beyond loopback. Loopback
+    addresses bypass it. The driver's own environment is restored after the start."""
+    with socket.socket() as probe:  # a port nothing listens on: bound, then released
+        probe.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {
+        "http_proxy": proxy,
+        "https_proxy": proxy,
+        "no_proxy": "127.0.0.1,localhost,::1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env |= {k.upper(): v for k, v in env.items() if k.endswith("proxy")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def start_ray(address: str | None) -> bool:
     """Join a cluster, or start a local single-node Ray bound to 127.0.0.1. True if local."""
     address = address or os.environ.get("RAY_ADDRESS")
@@ -194,7 +211,8 @@ def start_ray(address: str | None) -> bool:
             ) from None
         return False
     # address="local": a new single-node Ray even if another one runs on this machine.
-    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    with loopback_only():
+        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
     node_ip = ray.util.get_node_ip_address()
     print(f"[raysweep] local Ray on {node_ip}: dashboard at http://{context.dashboard_url}", flush=True)
     if node_ip != "127.0.0.1":
@@ -257,13 +275,15 @@ def run_sweep(
         tracking.check_installed(where)
     trials = expand(spec, where)
     name = spec.name if not datasets else "-".join([spec.name, *(dataset_tag(d) for d in spec.datasets)])
-    run_dir = Path(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / name).absolute()
-    check_run_dir(run_dir)
+    run_dir = check_run_dir(Path(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / name))
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    check_resources(spec.resources, where, local)
+    previous = None
     if resume:  # every record, and the plan, must be readable before Ray starts
         load_records(run_dir)
-        read_plan(run_dir)
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    check_trials(trials, where, local)
+        previous = read_plan(run_dir)
+    hashes = check_trials(trials, where, local)
+    check_same_data(previous, hashes, run_dir)
     if dry_run:
         print(f"sweep {spec.name}: results in {run_dir}")
         print(trial_table(trials, spec.resources.gpus, spec.resources.cpus))
@@ -276,21 +296,25 @@ def run_sweep(
     stop = Stop()
     with run_lock(run_dir), stop.installed():
         fresh = prepare_run_dir(run_dir, spec_path, resume)
+        plan = first_plan(spec, trials, hashes, previous)
+        write_plan(run_dir, plan)  # from here on, the report can say what is missing
         if spec.description:
             print(f"[raysweep] {spec.name}: {spec.description.strip()}", flush=True)
         try:
             local = start_ray(address)
         except BaseException:
-            if fresh:
-                (run_dir / "spec.yaml").unlink(missing_ok=True)  # nothing half-started is left behind
+            if fresh:  # nothing half-started is left behind
+                (run_dir / "spec.yaml").unlink(missing_ok=True)
+                (run_dir / "plan.json").unlink(missing_ok=True)
             raise
+        stop.reinstall()  # ray.init puts its own SIGTERM handler in place of ours
         print(
             f"[raysweep] {len(trials)} trials; TensorBoard (pip install tensorboard): "
             f"tensorboard --logdir {run_dir / 'tune'}",
             flush=True,
         )
         try:
-            _run_stages(spec, trials, run_dir, local, resume, where, stop)
+            _run_stages(spec, trials, plan, run_dir, local, resume, where, stop)
         except Interrupted:
             _finish(spec, run_dir)
             raise
@@ -316,14 +340,6 @@ def _finish(spec: SweepSpec, run_dir: Path) -> None:
         print(f"[raysweep] MLflow: mlflow ui --backend-store-uri {tracking.store(run_dir)}", flush=True)
 
 
-def write_plan(run_dir: Path, stages: dict[str, dict[str, Any]]) -> None:
-    """plan.json: every stage of the sweep and the trials it runs (a search stage: how many it
-    samples), so the report can say which trials are missing and how far the sweep is."""
-    atomic_write(
-        run_dir / "plan.json", lambda tmp: tmp.write_text(json.dumps({"stages": stages}, indent=1) + "\n")
-    )
-
-
 def _planned(trials: list[Trial]) -> list[dict[str, Any]]:
     return [
         {"key": t.key, "dataset": t.config.dataset, "label": t.config.label, "seed": t.config.seed}
@@ -331,8 +347,49 @@ def _planned(trials: list[Trial]) -> list[dict[str, Any]]:
     ]
 
 
+def _searches(spec: SweepSpec) -> list[tuple[int, str]]:
+    return [
+        (i, dataset)
+        for i, entry in enumerate(spec.models)
+        if entry.search is not None
+        for dataset in entry_datasets(spec, i)
+    ]
+
+
+def first_plan(
+    spec: SweepSpec, trials: list[Trial], hashes: dict[str, str], previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """plan.json as the sweep starts: every stage and the trials it runs (a search: how many it
+    samples, and the seeds that wait for its best setting), each dataset's content hash, and
+    whether the sweep is complete. A search that finished before stays finished."""
+    stages: dict[str, dict[str, Any]] = {}
+    for i, dataset in _searches(spec):
+        [base] = [t for t in trials if t.stage == stage_name(dataset, i)]
+        waiting = [
+            {"dataset": dataset, "label": base.config.label, "seed": seed} for seed in entry_seeds(spec, i)
+        ]
+        stages[stage_name(dataset, i)] = {
+            "kind": "search",
+            "samples": spec.models[i].search.samples,
+            "trials": [],
+            "waiting": waiting,
+        }
+    stages["seeds"] = {"kind": "seeds", "trials": _planned([t for t in trials if t.stage == "seeds"])}
+    for name, stage in ((previous or {}).get("stages") or {}).items():
+        if stage.get("finished") and stages.get(name, {}).get("kind") == "search":
+            stages[name]["finished"] = True
+    return {"stages": stages, "data": {**(previous or {}).get("data", {}), **hashes}, "complete": False}
+
+
 def _run_stages(
-    spec: SweepSpec, trials: list[Trial], run_dir: Path, local: bool, resume: bool, where: str, stop: Stop
+    spec: SweepSpec,
+    trials: list[Trial],
+    plan: dict[str, Any],
+    run_dir: Path,
+    local: bool,
+    resume: bool,
+    where: str,
+    stop: Stop,
 ) -> None:
     import ray
 
@@ -345,27 +402,11 @@ def _run_stages(
         )
         resources = resources.model_copy(update={"gpus": 0.0})
     seeds = [t for t in trials if t.stage == "seeds"]
-    searches = [
-        (i, dataset)
-        for i, entry in enumerate(spec.models)
-        if entry.search is not None
-        for dataset in entry_datasets(spec, i)
-    ]
-    plan = {
-        stage_name(d, i): {"kind": "search", "samples": spec.models[i].search.samples, "trials": []}
-        for i, d in searches
-    }
-    plan["seeds"] = {"kind": "seeds", "trials": _planned(seeds)}
-    if resume:  # a search finished before stays so in the plan from the start
-        for name, stage in (read_plan(run_dir) or {}).items():
-            if stage.get("finished") and plan.get(name, {}).get("kind") == "search":
-                plan[name]["finished"] = True
-    write_plan(run_dir, plan)
-    for i, dataset in searches:
+    for i, dataset in _searches(spec):
         stop.check()
         stage = stage_name(dataset, i)
         [base] = [t for t in trials if t.stage == stage]  # a searched entry has one N
-        finished = plan[stage].get("finished", False)
+        finished = plan["stages"][stage].get("finished", False)
         _tune_stage(
             stage,
             stage,
@@ -376,8 +417,8 @@ def _run_stages(
             search=(base, spec.models[i].search),
             finished=finished,
         )
+        faults.driver_point("search-end")
         stop.check()
-        plan[stage]["finished"] = True
         records = [r for r in load_records(run_dir) if stage in r.stages and r.ok]
         if records:
             top = max(records, key=lambda r: r.val["ndcg@10"])
@@ -387,7 +428,8 @@ def _run_stages(
             for seed in entry_seeds(spec, i):
                 for cfg in entry_trials(spec, i, dataset, seed, where, top.searched):
                     seeds.append(Trial(cfg, "seeds", trial_key(cfg)))
-        plan["seeds"]["trials"] = _planned(seeds)
+        plan["stages"][stage].update(finished=True, waiting=[])
+        plan["stages"]["seeds"]["trials"] = _planned(seeds)
         write_plan(run_dir, plan)
     stop.check()
     # The seeds stage's Tune experiment is named for its grid: a resume restores it only when the
@@ -395,6 +437,11 @@ def _run_stages(
     # return at once from their records).
     grid_id = hashlib.sha1(" ".join(sorted(t.key for t in seeds)).encode()).hexdigest()[:8]
     _tune_stage("seeds", f"seeds-{grid_id}", run_dir, resume, spec, resources, grid=seeds)
+    faults.driver_point("seeds-end")
+    if all(read_record(run_dir, t.key) is not None for t in seeds):
+        plan["complete"] = True  # a signal that comes after the last trial interrupted nothing
+        write_plan(run_dir, plan)
+        return
     stop.check()
 
 
@@ -412,6 +459,7 @@ def _tune_stage(
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
+    from raysweep import tracking
     from raysweep import trainable as glue
 
     storage = run_dir / "tune"
@@ -423,8 +471,6 @@ def _tune_stage(
     trainable = tune.with_resources(glue.trainable, glue.resources_for(resources))
     callbacks = [glue.TrialLog(run_dir, stage)]
     if spec.tracking == "mlflow":
-        from raysweep import tracking
-
         callbacks.append(tracking.callback(run_dir, spec.name))
     run_config = tune.RunConfig(
         name=experiment,
@@ -479,7 +525,8 @@ def _tune_stage(
                 trial_dirname_creator=_dirname,
             ),
         )
-    tuner.fit()
+    with contextlib.nullcontext() if spec.tracking == "mlflow" else tracking.left_out():
+        tuner.fit()
 
 
 def _whole_tune_state(experiment: Path) -> bool:

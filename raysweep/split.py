@@ -7,6 +7,7 @@ before the last item (validation item included; the model is not retrained on it
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,13 @@ class Split:
     @property
     def num_users(self) -> int:
         return len(self.offsets) - 1
+
+    def sha256(self) -> str:
+        """The hash of exactly what a trial learns from: every user's items, in order. A run
+        records it per dataset, so a resume on changed data is refused."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.offsets, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self.items, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
     def train(self, u: int) -> np.ndarray:
         return self.items[self.offsets[u] : self.offsets[u + 1] - 2]

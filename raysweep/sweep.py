@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,9 @@ class ModelEntry(Strict):
     model: Literal[MODELS]
     loss: Literal[LOSSES] | None = None
     negatives: list[int] | int | None = None
-    datasets: list[str] | None = None  # only these of the sweep's datasets (e.g. N beyond a small catalogue)
+    datasets: list[str] | None = Field(
+        None, min_length=1
+    )  # only these of the sweep's datasets (e.g. N beyond a small catalogue)
     seeds: list[int] | None = Field(None, min_length=1)  # instead of the sweep's seeds, for this entry
     settings: dict[str, Any] = {}
     search: Search | None = None
@@ -78,8 +81,10 @@ class ModelEntry(Strict):
 
 
 class Resources(Strict):
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0, le=1)  # a fraction lets several small trials share a card
+    cpus: float = Field(1.0, gt=0, allow_inf_nan=False)
+    gpus: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False
+    )  # a fraction lets several small trials share a card
 
 
 class SweepSpec(Strict):
@@ -119,11 +124,15 @@ def _error_path(loc: tuple) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently),
+    takes merge keys (`<<: *base`), and reads `1e-3` as the number it is in YAML 1.2 (YAML 1.1,
+    PyYAML's, wants `1.0e-3` and reads `1e-3` as a string)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merged keys may be given again: the mapping's own value wins
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -132,6 +141,12 @@ class _Loader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9]+[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 # A sweep file is a few dozen values; YAML aliases can make a small file stand for billions.
 MAX_VALUES = 100_000

@@ -14,12 +14,35 @@ MLflow is an optional extra: pip install -e ".[mlflow]".
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from raysweep.errors import UserError
 
 REPORT_RUN = "report"
+# MLflow 3 sends usage events to its makers' servers unless told not to: a tracked sweep stays on
+# this machine, like an untracked one (the SQLite store is a local file).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@contextlib.contextmanager
+def left_out():
+    """MLflow stays unimported while an untracked stage runs. Ray Tune imports its MLflow
+    callback module (which imports MLflow, which writes ~/.config/mlflow/telemetry.json) only to
+    count the callbacks it was given by class name; that module takes a missing MLflow as it
+    should. A None in sys.modules makes `import mlflow` fail there, and is removed afterwards."""
+    if "mlflow" in sys.modules:  # imported already (a tracked sweep earlier in this process)
+        yield
+        return
+    sys.modules["mlflow"] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
 
 
 def check_installed(where: str) -> None:

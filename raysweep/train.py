@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from raysweep.atomic import check_output_path
 from raysweep.config import TrialConfig
 from raysweep.errors import UserError, cli
 from raysweep.trainer import EpochReport
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_out(out: Path) -> None:
     """The output folder must be writable before a trial trains, not after (nothing is created yet)."""
+    check_output_path(out, "--out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())

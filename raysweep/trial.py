@@ -51,6 +51,7 @@ class TrialResult:
     node: str
     history: list[dict[str, Any]]
     ranks: np.ndarray  # int32, test user u's 0-based rank of their target (a miss: metrics.miss_rank)
+    data_sha256: str  # the dataset's content (`Split.sha256`), as this trial read it
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -70,6 +71,7 @@ class TrialResult:
             "seconds_per_epoch": self.seconds_per_epoch,
             "peak_memory_mb": self.peak_memory_mb,
             "node": self.node,
+            "data_sha256": self.data_sha256,
         }
 
 
@@ -148,6 +150,7 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
             platform.node(),
             bpr.history,
             bpr.ranks,
+            split.sha256(),
         )
     data = sequence_data(split, cfg.max_len, device)
     check_negatives(cfg, data)
@@ -180,6 +183,7 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
         platform.node(),
         fitted.history,
         ranks.numpy(),
+        split.sha256(),
     )
 
 

@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 
 from raysweep import full_ce
+from raysweep.run import LOOPBACK_SWITCH, loopback_only
+
+# The tests' Ray binds to 127.0.0.1 as a local sweep's does (read when ray is first imported).
+os.environ.setdefault(LOOPBACK_SWITCH, "0")
 
 NEEDS_RAY = "the sweep layer's tests need Ray (pip install -e '.[test]'); the core's run without it"
 # The variants that run PyTorch's own chunked CE (F.linear_cross_entropy with options), a code path
@@ -86,15 +90,17 @@ def ray_cluster():
     """One two-node local Ray cluster for every sweep test (ray.init costs seconds; share it).
 
     The head has a logical GPU (num_gpus=1) so fractional-GPU scheduling can be checked on a
-    machine without one. Only what this fixture started is stopped at the end.
+    machine without one. Only what this fixture started is stopped at the end. Workers of the
+    lost-node test start later on their nodes with the environment those nodes started with.
     """
     ray = pytest.importorskip("ray", reason=NEEDS_RAY)
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False}
-    )
-    worker = cluster.add_node(num_cpus=2, resources={"worker_node": 2})
+    with loopback_only():  # Ray's processes make no request beyond this machine (raysweep.run)
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False}
+        )
+        worker = cluster.add_node(num_cpus=2, resources={"worker_node": 2})
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
     yield cluster, worker

@@ -362,7 +362,7 @@ def test_a_bad_archive_or_target_is_one_line_and_writes_nothing(evidence, tmp_pa
     another_sweep.mkdir()
     (another_sweep / "spec.yaml").write_text("name: another\n")
     cases = [
-        (cut, tmp_path / "new1", "cut.parquet: unreadable archive"),
+        (cut, tmp_path / "new1", "cut.parquet: damaged archive, nothing was written"),
         (plain, tmp_path / "new2", "plain.parquet: not a raysweep archive"),
         (tmp_path / "absent.parquet", tmp_path / "new3", "absent.parquet: no such archive"),
         (packed, other, "not empty and not a raysweep run directory"),

@@ -270,7 +270,7 @@ def test_an_unreadable_record_on_resume_is_one_line_before_ray(tmp_path):
     (run_dir / "spec.yaml").write_text(GOOD)
     (run_dir / "trials" / "k" / "result.json").write_text('{"key": "k", "status": ')
     result = _cli("raysweep.run", path, "--resume", "--results", run_dir)
-    _one_line(result, "result.json: unreadable trial record")
+    _one_line(result, "result.json: damaged trial record")
     assert "local Ray" not in result.stdout
 
 

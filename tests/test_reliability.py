@@ -222,7 +222,8 @@ def test_second_driver_on_the_same_run_directory_is_refused(tmp_path):
         )
     assert result.returncode == 2
     assert (
-        result.stderr.strip() == f"error: {run_dir}: another raysweep driver is running on this run directory"
+        result.stderr.strip()
+        == f"error: {run_dir}: another raysweep process (a driver or an unpack) is using this run directory"
     )
 
 
