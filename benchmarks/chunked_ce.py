@@ -25,7 +25,7 @@ SHAPES = {"ml-20m": (26_744, 256, 200), "yelp": (148_415, 64, 50)}
 
 
 def _step(variant: str, items: int, hidden: int, positions: int, device: str, queue) -> None:
-    from raysweep import losses
+    from raysweep.core import losses
 
     torch.manual_seed(0)
     h = torch.randn(positions, hidden, device=device, requires_grad=True)

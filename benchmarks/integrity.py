@@ -48,7 +48,7 @@ sys.addaudithook(hook)
 
 
 def record(dataset: str = "beauty", seed: int = 0, ndcg: float = 0.0327) -> dict:
-    from raysweep.config import TrialConfig, trial_key
+    from raysweep.core.config import TrialConfig, trial_key
 
     cfg = TrialConfig.from_dict({"dataset": dataset, "model": "sasrec", "loss": "ce", "seed": seed})
     return {

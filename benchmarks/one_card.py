@@ -18,7 +18,6 @@ An entry with an Optuna search runs at its base settings (searching needs the sw
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -32,10 +31,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from raysweep.config import TrialConfig, trial_key
-from raysweep.errors import cli
-from raysweep.results import failed_record, finished_record, read_record, write_record, write_results
-from raysweep.sweep import entry_datasets, entry_seeds, entry_trials, expand, load_spec, stage_name
+from raysweep.core.config import TrialConfig, trial_key
+from raysweep.core.errors import cli
+from raysweep.sweep.records import failed_record, finished_record
+from raysweep.sweep.rundir import RunDir
+from raysweep.sweep.spec import entry_datasets, entry_seeds, entry_trials, expand, load_spec, stage_name
 
 
 def trials(
@@ -60,13 +60,13 @@ def trials(
                     grid += entry_trials(spec, i, dataset, seed, str(sweep))
     configs = []
     for cfg in grid:
-        cfg = dataclasses.replace(cfg, device=device)
-        if max_epochs is not None and cfg.model != "bpr":
-            cfg = dataclasses.replace(cfg, max_epochs=max_epochs)
-        if cuda_graphs and cfg.model != "bpr":
-            cfg = dataclasses.replace(cfg, cuda_graphs=True)
-        configs.append(cfg.resolved())
-    return sorted(configs, key=lambda c: -(c.max_len or 0) * (2 if c.model == "bert4rec" else 1))
+        cfg = cfg.replaced(device=device)
+        if max_epochs is not None and cfg.is_sequential:
+            cfg = cfg.replaced(max_epochs=max_epochs)
+        if cuda_graphs and cfg.is_sequential:
+            cfg = cfg.replaced(cuda_graphs=True)
+        configs.append(cfg)
+    return sorted(configs, key=lambda c: -(c.max_len or 0) * (2 if c.is_masked else 1))
 
 
 def command(cfg: TrialConfig, out: Path) -> list[str]:
@@ -132,8 +132,8 @@ def run_all(
             rec, history, ranks = record(
                 cfg, work, began, process.returncode, log, dict(concurrent=concurrent, cpu_threads=threads)
             )
-            write_record(run_dir, rec, history=history, ranks=ranks)
-            write_results(run_dir)
+            RunDir(run_dir).write_record(rec, history=history, ranks=ranks)
+            RunDir(run_dir).write_results()
             if rec.ok:
                 test = rec.test
                 print(
@@ -167,9 +167,11 @@ def main() -> int:
     args = parser.parse_args()
     run_dir = args.out.resolve()
     grid = trials(args.sweep, args.datasets, args.device, args.max_epochs, args.cuda_graphs)
-    skipped = [c for c in grid if c.model == "bpr" and importlib.util.find_spec("implicit") is None]
+    skipped = [c for c in grid if c.is_bpr and importlib.util.find_spec("implicit") is None]
     todo = [
-        c for c in grid if c not in skipped and not getattr(read_record(run_dir, trial_key(c)), "ok", False)
+        c
+        for c in grid
+        if c not in skipped and not getattr(RunDir(run_dir).read_record(trial_key(c)), "ok", False)
     ]
     threads = max(1, (os.cpu_count() or 1) // args.concurrent)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -210,10 +212,10 @@ def main() -> int:
     if not (run_dir / "results.parquet").is_file():
         print("no trial has finished: nothing to report")
         return 0 if stopped is None else 143
-    from raysweep.report import write_report
+    from raysweep.report.render import write_report
 
     try:
-        written = write_report(run_dir)
+        written = write_report(RunDir(run_dir))
     except ImportError as exc:  # figures need matplotlib; the tables do not
         written = [f"no figures ({exc})"]
     print((run_dir / "report" / "table2.md").read_text())

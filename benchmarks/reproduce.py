@@ -13,10 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from raysweep.config import TrialConfig
-from raysweep.paper import paper_row
+from raysweep.core.config import TrialConfig
+from raysweep.core.trial import run_trial, write_result
+from raysweep.report.paper import paper_row
 from raysweep.train import progress
-from raysweep.trial import run_trial, write_result
 
 # name: settings (the paper's figures come from raysweep.paper)
 RUNS = {

@@ -21,15 +21,15 @@ import time
 import numpy as np
 import torch
 
-from raysweep.config import TrialConfig
-from raysweep.devices import autocast_for, precision, resolve_device
-from raysweep.errors import cli
-from raysweep.evaluation import evaluate_split, validation_users
-from raysweep.models import build_model
-from raysweep.paper import PAPER_CODE_SECONDS, paper_row
-from raysweep.split import sequence_data
-from raysweep.trainer import epoch_batches, fit, make_optimizer, make_step, train_steps
-from raysweep.trial import load_split
+from raysweep.core.config import TrialConfig
+from raysweep.core.devices import autocast_for, precision, resolve_device
+from raysweep.core.errors import cli
+from raysweep.core.evaluation import evaluate_split, validation_users
+from raysweep.core.models import build_model
+from raysweep.core.split import sequence_data
+from raysweep.core.trainer import epoch_batches, fit, make_optimizer, make_step, train_steps
+from raysweep.core.trial import load_split
+from raysweep.report.paper import PAPER_CODE_SECONDS, paper_row
 
 # name: (settings, target s/epoch on an H100; the paper's code there: PAPER_CODE_SECONDS)
 ROWS = {
@@ -200,7 +200,7 @@ def main() -> None:
         budget = {} if args.converge else dict(max_epochs=args.epochs, patience=args.epochs)
         cfg = TrialConfig.from_dict(
             dict(settings, device=str(device), cuda_graphs=args.cuda_graphs, amp=args.amp, **budget)
-        ).resolved()
+        )
         train, val, ndcg, how = epoch_seconds(cfg, device, args.steps, args.compile)
         how = f"{precision(cfg.amp, device)}, {how}"
         total = train + val

@@ -12,16 +12,16 @@ It needs neither Ray, Optuna nor implicit (only BPR-MF imports implicit).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from raysweep.atomic import check_output_path
-from raysweep.config import TrialConfig
-from raysweep.errors import UserError, cli
-from raysweep.trainer import EpochReport
-from raysweep.trial import run_trial, write_result
+from raysweep.core.atomic import check_output_path
+from raysweep.core.config import TrialConfig
+from raysweep.core.errors import UserError, cli
+from raysweep.core.trainer import EpochReport
+from raysweep.core.trial import run_trial, write_result
 
 
 def progress(report: EpochReport) -> None:
@@ -34,19 +34,27 @@ def progress(report: EpochReport) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m raysweep.train", description=__doc__.split("\n")[0])
-    kinds = {"int": int, "float": float, "str": str}
-    for f in dataclasses.fields(TrialConfig):
-        if f.name == "extra":
+    """A flag per setting of `TrialConfig`, with its description, default and choices."""
+    parser = argparse.ArgumentParser(
+        prog="python -m raysweep.train",
+        description=__doc__.split("\n")[0],
+    )
+    for name, info in TrialConfig.model_fields.items():
+        if name == "extra":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        base = str(f.type).split("|")[0].strip()
-        if base == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        kind = info.annotation
+        if get_origin(kind) is not Literal and get_args(kind):  # X | None
+            kind = next(k for k in get_args(kind) if k is not type(None))
+        choices = get_args(kind) if get_origin(kind) is Literal else None
+        flag = "--" + name.replace("_", "-")
+        shown = {"help": info.description, "default": argparse.SUPPRESS}
+        if info.default is not None and name != "dataset":
+            shown["help"] += f" (default: {info.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **shown)
         else:
-            parser.add_argument(
-                flag, type=kinds[base], default=argparse.SUPPRESS, required=f.name == "dataset"
-            )
+            kind = str if choices else kind
+            parser.add_argument(flag, type=kind, choices=choices, required=name == "dataset", **shown)
     parser.add_argument(
         "--out",
         type=Path,

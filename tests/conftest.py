@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from raysweep import full_ce
-from raysweep.run import LOOPBACK_SWITCH, loopback_only
+from raysweep.core import full_ce
+from raysweep.sweep.cluster import LOOPBACK_SWITCH, loopback_only
 
 # The tests' Ray binds to 127.0.0.1 as a local sweep's does (read when ray is first imported).
 os.environ.setdefault(LOOPBACK_SWITCH, "0")
@@ -27,7 +27,7 @@ def _mirror() -> Path | None:
     """A local mirror of the upstream data files: RAYSWEEP_MIRROR, else a `shared/data` folder
     beside the checkout (this project's CI keeps one there), else the user's own raysweep data
     cache if it already holds ML-1M (`python -m raysweep.data fetch ml-1m` puts it there)."""
-    from raysweep.data import default_data_dir
+    from raysweep.core.data import default_data_dir
 
     if os.environ.get("RAYSWEEP_MIRROR"):
         return Path(os.environ["RAYSWEEP_MIRROR"])
@@ -55,8 +55,8 @@ def ml1m(data_env):
     """ML-1M, for the few tests that need it (MovieLens may not be redistributed, so it does not
     ship): from the mirror, else through raysweep's own verified download; else the test skips.
     With a mirror (CI) a file that fails to load fails the test: only absent data may skip."""
-    from raysweep.data import load_interactions
-    from raysweep.errors import UserError
+    from raysweep.core.data import load_interactions
+    from raysweep.core.errors import UserError
 
     if os.environ.get("RAYSWEEP_MIRROR"):
         return load_interactions("ml-1m")

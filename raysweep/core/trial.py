@@ -1,0 +1,212 @@
+"""One trial, as a function: `run_trial`, which `python -m raysweep.train` and every Tune
+trial call alike, and the `TrialResult` it returns.
+
+A trial loads its dataset, refuses what cannot run (nothing to learn, a model too large for
+the device, more negatives than the pool holds) before allocating anything, trains by the
+paper's rule, and tests the best epoch's weights on every user.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from raysweep.core.atomic import atomic_write
+from raysweep.core.config import TrialConfig
+from raysweep.core.data import load_interactions
+from raysweep.core.devices import autocast_for, precision, resolve_device
+from raysweep.core.errors import UserError
+from raysweep.core.evaluation import rank_split
+from raysweep.core.memory import device_memory, track_peak, training_bytes
+from raysweep.core.metrics import mean_metrics
+from raysweep.core.models import build_model
+from raysweep.core.split import SequenceData, Split, leave_one_out, sequence_data
+from raysweep.core.trainer import EpochReport, fit
+
+Hook = Callable[[EpochReport, Callable[[], dict]], None]
+
+
+@dataclass
+class TrialResult:
+    """What one trial yields. `summary()` is its record (metrics.json, the body of result.json);
+    the per-epoch `history` and each test user's target rank (`ranks`) go to files of their own."""
+
+    config: TrialConfig
+    val: dict[str, float]  # at the best epoch (BPR-MF: every metric; sequential models: NDCG@10)
+    test: dict[str, float]
+    best_epoch: int
+    epochs: int
+    train_seconds: float  # training and validation, all epochs
+    peak_memory_mb: float
+    device: str
+    precision: str
+    node: str
+    history: list[dict[str, Any]]
+    ranks: np.ndarray  # int32, test user u's 0-based rank of their target (a miss: metrics.miss_rank)
+    data_sha256: str  # the dataset's content (`Split.sha256`), as this trial read it
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds / max(self.epochs, 1)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "label": self.config.label,
+            "config": self.config.to_dict(),
+            "val": self.val,
+            "test": self.test,
+            "best_epoch": self.best_epoch,
+            "epochs": self.epochs,
+            "train_seconds": self.train_seconds,
+            "device": self.device,
+            "precision": self.precision,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "peak_memory_mb": self.peak_memory_mb,
+            "node": self.node,
+            "data_sha256": self.data_sha256,
+        }
+
+
+def load_split(cfg: TrialConfig) -> Split:
+    frame = load_interactions(
+        cfg.dataset, cfg.data_dir and Path(cfg.data_dir), cfg.mirror and Path(cfg.mirror)
+    )
+    return leave_one_out(frame, cfg.dataset)
+
+
+def check_fits(cfg: TrialConfig, split: Split, device: torch.device | None) -> None:
+    """Refuse, before anything is allocated, a sequential model on data that leaves it nothing to
+    learn from, and a trial that could not fit on its device (None: not known here)."""
+    if cfg.is_sequential and (np.diff(split.offsets) - 2).max() < 2:
+        raise UserError(
+            f"{cfg.dataset}: no user has two training items (every history is 3 items or shorter), "
+            f"so {cfg.label} has nothing to learn from"
+        )
+    if device is None:
+        return
+    need = training_bytes(
+        cfg.model,
+        cfg.loss,
+        cfg.negatives,
+        cfg.hidden,
+        cfg.blocks,
+        cfg.heads,
+        cfg.max_len,
+        cfg.batch_size,
+        cfg.factors,
+        split.num_users,
+        split.num_items,
+    )
+    have = device_memory(device)
+    if need > have:
+        raise UserError(
+            f"{cfg.dataset}: {cfg.label} with hidden={cfg.hidden}, blocks={cfg.blocks}, "
+            f"max_len={cfg.max_len}, batch_size={cfg.batch_size} needs at least {need / 2**30:,.1f} GiB, "
+            f"more than the {have / 2**30:,.1f} GiB of {device.type}"
+        )
+
+
+def check_negatives(cfg: TrialConfig, data: SequenceData) -> None:
+    """N must leave enough pool items for every user once its own window is excluded."""
+    if cfg.negatives is None:
+        return
+    room = data.pool_size - data.max_window_items
+    if cfg.negatives > room:
+        raise UserError(
+            f"{cfg.dataset}: N={cfg.negatives} negatives is more than the pool allows: {data.pool_size} "
+            f"training items minus up to {data.max_window_items} in a user's window leaves {room}"
+        )
+
+
+def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | None = None) -> TrialResult:
+    """Train and test one trial. Raises `Diverged` when the training loss turns non-finite."""
+    split = load_split(cfg)
+    device = torch.device("cpu") if cfg.is_bpr else resolve_device(cfg.device)
+    check_fits(cfg, split, device)
+    peak = track_peak(device)
+    if cfg.is_bpr:
+        from raysweep.core.bpr import run_bpr
+
+        bpr = run_bpr(cfg, split)
+        return TrialResult(
+            cfg,
+            bpr.val,
+            mean_metrics(bpr.ranks),
+            cfg.iterations,
+            cfg.iterations,
+            bpr.seconds,
+            peak(),
+            bpr.device,
+            "fp32",
+            platform.node(),
+            bpr.history,
+            bpr.ranks,
+            split.sha256(),
+        )
+    data = sequence_data(split, cfg.max_len, device)
+    check_negatives(cfg, data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        cfg.model, data.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.max_len, cfg.dropout
+    ).to(device)
+    earlier = resume.get("peak_mb", 0.0) if resume is not None else 0.0  # the attempts before a resume
+
+    def peak_so_far() -> float:
+        return max(earlier, peak())
+
+    def on_epoch_with_peak(report, state) -> None:
+        on_epoch(report, lambda: {**state(), "peak_mb": peak_so_far()})
+
+    fitted = fit(model, cfg, data, device, None if on_epoch is None else on_epoch_with_peak, resume)
+    ranks = rank_split(
+        model, cfg, data, "test", torch.arange(data.num_users, device=device), autocast_for(cfg.amp, device)
+    )
+    return TrialResult(
+        cfg,
+        {"ndcg@10": fitted.best_ndcg},
+        mean_metrics(ranks),
+        fitted.best_epoch,
+        fitted.epochs,
+        fitted.seconds,
+        peak_so_far(),
+        torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        precision(cfg.amp, device),
+        platform.node(),
+        fitted.history,
+        ranks.numpy(),
+        split.sha256(),
+    )
+
+
+HISTORY_FILE, RANKS_FILE, METRICS_FILE = "history.parquet", "ranks.parquet", "metrics.json"
+
+
+def ranks_frame(ranks: np.ndarray) -> pd.DataFrame:
+    """ranks.parquet: row u is test user u's 0-based target rank (a miss: metrics.miss_rank)."""
+    return pd.DataFrame({"rank": np.asarray(ranks, dtype=np.int32)})
+
+
+def write_history_and_ranks(
+    folder: Path, history: list[dict[str, Any]] | None, ranks: np.ndarray | None
+) -> None:
+    """history.parquet and ranks.parquet, each under a temporary name, then renamed."""
+    if history is not None:
+        atomic_write(folder / HISTORY_FILE, lambda tmp: pd.DataFrame(history).to_parquet(tmp, index=False))
+    if ranks is not None:
+        atomic_write(folder / RANKS_FILE, lambda tmp: ranks_frame(ranks).to_parquet(tmp, index=False))
+
+
+def write_result(result: TrialResult, out: Path) -> None:
+    """history.parquet, ranks.parquet, then metrics.json (last: its presence means all are there)."""
+    write_history_and_ranks(out, result.history, result.ranks)
+    atomic_write(
+        out / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
+    )

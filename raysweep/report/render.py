@@ -1,0 +1,300 @@
+"""A run's report: every part built first (`build`), laid out once as a list of blocks
+(`sections`), and that one list written as Markdown (table2.md) and as one self-contained page
+(index.html, figures inline, no script); then table2.csv and the figures. Files are replaced by
+rename only once everything is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from raysweep.core.atomic import atomic_write
+from raysweep.report import comparisons as paired
+from raysweep.report.figures import figure1, figure2
+from raysweep.report.paper import CLAIMS
+from raysweep.report.table2 import COLUMNS, TOLERANCE, formatted, table2, trusted
+from raysweep.sweep.records import missing_trials
+from raysweep.sweep.rundir import RunDir
+from raysweep.sweep.spec import read_spec
+
+
+@dataclass
+class Parts:
+    """Everything a report holds, built before any file is replaced."""
+
+    table: pd.DataFrame
+    comparisons: list[paired.Comparison]
+    notes: list[str]  # comparisons that could not be made, and why
+    failed: pd.DataFrame
+    damaged: pd.DataFrame  # records that failed their checks: listed, never counted
+    missing: list[str]
+    state: str  # "complete", or "incomplete: ..." (what is missing), from the sweep's plan
+    figure1: bytes | None
+    figure2: bytes | None
+
+
+# The blocks a report is made of; each renderer writes every kind.
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Paragraph:
+    text: str  # **bold** and `code` marks, in Markdown's way
+
+
+@dataclass
+class Table:
+    frame: pd.DataFrame
+    html_id: str
+
+
+@dataclass
+class Items:
+    lines: list[str]
+
+
+@dataclass
+class Figure:
+    title: str
+    png: bytes
+
+
+def comparison_table(items: list[paired.Comparison]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "Dataset": c.dataset,
+                "A": c.a,
+                "B": c.b,
+                "Metric": paired.METRICS[c.metric],
+                "A - B": f"{c.diff:+.4f}",
+                "95 % CI (users)": f"[{c.low:+.4f}, {c.high:+.4f}]",
+                "CI half-width": f"{(c.high - c.low) / 2:.4f}",
+                "Std over seeds (A / B)": " / ".join(
+                    "-" if math.isnan(s) else f"{s:.4f}" for s in (c.std_a, c.std_b)
+                ),
+                "Seeds (A / B)": f"{c.seeds_a} / {c.seeds_b}",
+                "p (Wilcoxon)": f"{c.p:.2g}",
+                "p (Holm)": f"{c.p_holm:.2g}",
+            }
+            for c in items
+        ]
+    )
+
+
+def sections(parts: Parts) -> list:
+    """The report, top to bottom."""
+    out: list = [Heading(1, "Table 2: test metrics (full ranking, seen items removed)")]
+    if parts.state != "complete":
+        out.append(
+            Paragraph(
+                f"**The sweep is {parts.state}** (`python -m raysweep.run SWEEP --resume` finishes it); "
+                "what is missing is listed at the end."
+            )
+        )
+    shown = formatted(parts.table)
+    if shown.empty:
+        out.append(Paragraph("No trial has finished yet."))
+    for dataset, group in shown.groupby("Dataset", sort=False):
+        out += [Heading(2, dataset), Table(group[COLUMNS], f"table2-{_slug(dataset)}")]
+    if len(shown):
+        out.append(
+            Paragraph(
+                "Each cell: ours (mean ± std over seeds), then the paper's value and our difference from it. "
+                f"Verdict: HR@10 and NDCG@10 within {TOLERANCE:.0%} of the paper, or the paper inside our "
+                'seeds\' range, is "reproduced"; else above or below it.'
+            )
+        )
+    if parts.comparisons or parts.notes:
+        out += [
+            Heading(2, "Paired comparisons"),
+            Paragraph(
+                "Per test user, A - B of the metric (a user's value is the mean over the model's seeds); "
+                "95 % paired bootstrap CI over users; two-sided Wilcoxon signed-rank test over users, "
+                "Holm-corrected over every comparison here."
+            ),
+            Items([c.sentence() for c in parts.comparisons if c.metric == "ndcg@10"] + parts.notes),
+        ]
+        if parts.comparisons:
+            out.append(Table(comparison_table(parts.comparisons), "comparisons"))
+    out += [
+        Figure(title, png) for title, png in (("Figure 1", parts.figure1), ("Figure 2", parts.figure2)) if png
+    ]
+    if len(parts.failed):
+        out += [
+            Heading(2, "Failed trials"),
+            Items(
+                [
+                    f"{r['dataset']} {r['label']} seed {r['seed']} ({r['stages']}): "
+                    f"{r.get('error') or 'failed'}"
+                    for _, r in parts.failed.iterrows()
+                ]
+            ),
+        ]
+    if len(parts.damaged):
+        out += [
+            Heading(2, "Damaged records (not counted)"),
+            Items([f"{r['key']}: {r.get('error')}" for _, r in parts.damaged.iterrows()]),
+        ]
+    if parts.missing:
+        out += [Heading(2, "Missing trials"), Items(parts.missing)]
+    return out
+
+
+def markdown(blocks: list) -> str:
+    """table2.md (figures are files of their own beside it)."""
+    out = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            out += [f"{'#' * block.level} {block.text}", ""]
+        elif isinstance(block, Paragraph):
+            out += [block.text, ""]
+        elif isinstance(block, Table):
+            frame = block.frame
+            out += ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+            out += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+            out.append("")
+        elif isinstance(block, Items):
+            out += [f"- {line}" for line in block.lines] + [""]
+    return "\n".join(out)
+
+
+def _slug(text: str) -> str:
+    """A value as an HTML id: letters, digits, '-' and '_' only (ids are attributes: nothing of
+    the value may close them)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(text))[:80]
+
+
+def _inline(text: str) -> str:
+    """A paragraph's text escaped, then its **bold** and `code` marks as tags."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+
+
+def page(name: str, blocks: list, progress: str, live: bool) -> str:
+    """index.html: one self-contained page (every value escaped, figures inline, no script)."""
+    out = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>raysweep: {html.escape(name)}</title>",
+    ]
+    if live:
+        out.append('<meta http-equiv="refresh" content="30">')  # the driver rewrites the page as trials end
+    out += [
+        "<style>body{font-family:sans-serif;margin:2em;max-width:90em}table{border-collapse:collapse;"
+        "font-size:90%}td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>raysweep: {html.escape(name)}</h1>",
+        f'<p id="progress">{html.escape(progress)}</p>',
+    ]
+    for block in blocks:
+        if isinstance(block, Heading):
+            out.append(f"<h{block.level + 1}>{html.escape(block.text)}</h{block.level + 1}>")
+        elif isinstance(block, Paragraph):
+            out.append(f"<p>{_inline(block.text)}</p>")
+        elif isinstance(block, Table):
+            out.append(block.frame.to_html(index=False, border=0, table_id=_slug(block.html_id)))
+        elif isinstance(block, Items):
+            out += ["<ul>", *[f"<li>{html.escape(line)}</li>" for line in block.lines], "</ul>"]
+        elif isinstance(block, Figure):
+            data = base64.b64encode(block.png).decode()
+            out += [
+                f"<h2>{block.title}</h2>",
+                f'<img alt="{block.title}" src="data:image/png;base64,{data}">',
+            ]
+    return "\n".join(out + ["</body></html>", ""])
+
+
+def sweep_pairs(run: RunDir) -> list[tuple[str, str]]:
+    """The paper's claims, then the pairs the sweep file names under `compare:`."""
+    extra = read_spec(run.spec).compare if run.spec.is_file() else []
+    return [*CLAIMS, *[tuple(pair) for pair in extra]]
+
+
+def sweep_state(plan: dict[str, Any] | None, missing: list[str]) -> str:
+    """ "complete" only when the plan says every stage ran and no planned trial lacks a result."""
+    trials = sum(1 for line in missing if not line.startswith("search-"))
+    searches = len(missing) - trials
+    if missing:
+        return "incomplete: " + ", ".join(
+            part
+            for part in (
+                f"{trials} trial(s) not run" if trials else "",
+                f"{searches} search(es) not finished" if searches else "",
+            )
+            if part
+        )
+    if plan is None:
+        return "incomplete: it has no plan.json, so what it meant to run is not known"
+    if plan.get("complete") is False:  # (plans written before raysweep kept this mark have none)
+        return "incomplete: it was stopped before its last stage ended"
+    return "complete"
+
+
+def progress_line(results: pd.DataFrame, parts: Parts, progress: dict[str, Any] | None) -> str:
+    counts = results["status"].value_counts() if len(results) else pd.Series(dtype=int)
+    forged = int((parts.damaged["status"] == "ok").sum()) if len(parts.damaged) else 0
+    done, failed = int(counts.get("ok", 0)) - forged, int(counts.get("failed", 0))
+    damaged = f", {len(parts.damaged)} damaged" if len(parts.damaged) else ""
+    if progress is None:
+        return f"{done} done, {failed} failed{damaged}; the sweep is {parts.state}"
+    updated = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        f"{done} done, {failed} failed{damaged}, {progress['running']} running, "
+        f"{progress['waiting']} waiting (stage {progress['stage']}; updated {updated})"
+    )
+
+
+def build(run: RunDir, cache: dict | None = None) -> tuple[Parts, pd.DataFrame]:
+    results = run.read_results()
+    plan = run.read_plan()
+    ok, damaged = trusted(results)
+    missing = missing_trials(plan, ok)
+    items, notes = paired.compare_models(run, ok, sweep_pairs(run), cache)
+    failed = ok[ok["status"] == "failed"] if len(ok) else ok
+    parts = Parts(
+        table2(ok),
+        items,
+        notes,
+        failed,
+        damaged,
+        missing,
+        sweep_state(plan, missing),
+        figure1(ok, run),
+        figure2(ok),
+    )
+    return parts, results
+
+
+def write_report(run: RunDir, progress: dict[str, Any] | None = None, cache: dict | None = None) -> list:
+    """Every part of the report is built first; only then are the files replaced (each by rename).
+    `progress` (running, waiting, stage) marks a page the driver rewrites while the sweep runs."""
+    parts, results = build(run, cache)
+    blocks = sections(parts)
+    files = {
+        "table2.md": markdown(blocks).encode(),
+        "table2.csv": parts.table.to_csv(index=False).encode(),
+        "figure1.png": parts.figure1,
+        "figure2.png": parts.figure2,
+        "index.html": page(
+            run.path.name, blocks, progress_line(results, parts, progress), live=progress is not None
+        ).encode(),
+    }
+    written = []
+    for file, content in files.items():
+        if content is not None:
+            atomic_write(run.report / file, lambda tmp, content=content: tmp.write_bytes(content))
+            written.append(run.report / file)
+    return written

@@ -1,0 +1,161 @@
+"""The paper's Table 2 from a run's results: per dataset and model, each metric's mean and std over
+seeds beside the paper's value, and a verdict ("reproduced": HR@10 and NDCG@10 within 5 % of the
+paper or inside our seeds' range; else "above" / "below"). Only the seeds stage enters it, and
+only rows a report may believe (`trusted`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+from raysweep.report.paper import paper_row
+
+PAPER_ORDER = ["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+"]
+METRICS = [
+    ("test_hr@10", "HR@10", "hr10"),
+    ("test_hr@100", "HR@100", "hr100"),
+    ("test_ndcg@10", "NDCG@10", "ndcg10"),
+    ("test_ndcg@100", "NDCG@100", "ndcg100"),
+]
+OTHERS = [("train_seconds", "Training time (s)", "seconds"), ("best_epoch", "Best epoch", "best_epoch")]
+TOLERANCE = 0.05  # "reproduced": within 5 % of the paper
+
+
+def order(label: str) -> tuple:
+    """The paper's rows first, then each family of N (SASRec+ N, gSASRec N (t=0.75), ...) by N."""
+    if label in PAPER_ORDER:
+        return (PAPER_ORDER.index(label), "", 0)
+    match = re.search(r" (\d+)(?= |$)", label)
+    if match is None:
+        return (len(PAPER_ORDER) + 1, label, 0)
+    return (len(PAPER_ORDER), label[: match.start(1)] + "N" + label[match.end(1) :], int(match.group(1)))
+
+
+def trusted(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The results table split into rows a report may count and damaged rows it only lists: a
+    record that failed its checks (status "damaged"), and, in a table edited by hand, a finished
+    row whose metrics are not numbers in [0, 1], whose seed is not an integer or whose label is
+    not a plain short name."""
+    if results.empty:
+        return results, results
+    metrics = [c for c, _, _ in METRICS if c in results]
+    finished = results["status"] == "ok"
+    values = results[metrics].apply(pd.to_numeric, errors="coerce")
+    sane = values.ge(0).all(axis=1) & values.le(1).all(axis=1) & (len(metrics) == len(METRICS))
+    seeds = pd.to_numeric(results.get("seed"), errors="coerce")
+    sane &= seeds.notna() & (seeds == seeds.round())
+    labels = results["label"].astype(str)
+    sane &= labels.str.len().between(1, 200) & results["dataset"].astype(str).str.len().le(4096)
+    forged = finished & ~sane
+    damaged = results.assign(
+        error=results.get("error", pd.Series(None, index=results.index)).where(
+            ~forged, "its metrics, seed or label are not a trial's (edited by hand?)"
+        )
+    )[forged | (results["status"] == "damaged")]
+    counted = ~forged & (results["status"] != "damaged")
+    ok = results[counted].copy()
+    ok[metrics] = values[counted]
+    return ok, damaged
+
+
+def table2_rows(results: pd.DataFrame) -> pd.DataFrame:
+    ok, _ = trusted(results)
+    if ok.empty:
+        return ok
+    return ok[(ok["status"] == "ok") & ok["in_table2"].astype(bool)]
+
+
+def _verdict(group: pd.DataFrame, paper) -> str:
+    """reproduced / above / below / mixed, from HR@10 and NDCG@10 against the paper."""
+    off = []
+    for column, key in (("test_hr@10", "hr10"), ("test_ndcg@10", "ndcg10")):
+        ours, theirs = group[column].astype(float), getattr(paper, key)
+        inside = len(ours) > 1 and ours.min() <= theirs <= ours.max()
+        if abs(ours.mean() / theirs - 1) > TOLERANCE and not inside:
+            off.append(np.sign(ours.mean() - theirs))
+    if not off:
+        return "reproduced"
+    return {1.0: "above", -1.0: "below"}.get(off[0], "mixed") if len(set(off)) == 1 else "mixed"
+
+
+def table2(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per dataset x model: each column's mean and std over seeds, the paper's value and
+    the relative difference (raw numbers; `table2_markdown` formats them), peak memory, verdict."""
+    rows = []
+    ok = table2_rows(results)
+    for (dataset, label), group in ok.groupby(["dataset", "label"], sort=False) if len(ok) else []:
+        paper = paper_row(dataset, label)
+        row = {"Dataset": dataset, "Model": label, "Seeds": len(group)}
+        for column, name, key in METRICS + OTHERS:
+            values = group[column].astype(float)
+            row[name] = values.mean()
+            row[f"{name} std"] = values.std() if len(values) > 1 else float("nan")
+            row[f"{name} paper"] = getattr(paper, key) if paper else float("nan")
+            if (column, name, key) in METRICS:
+                row[f"{name} diff %"] = (
+                    100 * (values.mean() / getattr(paper, key) - 1) if paper else float("nan")
+                )
+        memory = (
+            group["peak_memory_mb"].astype(float) if "peak_memory_mb" in group else pd.Series(dtype=float)
+        )
+        row["Peak memory (MB)"] = memory.mean() if memory.notna().any() else float("nan")
+        row["Verdict"] = _verdict(group, paper) if paper else ""
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["_order"] = table["Model"].map(order)
+    return (
+        table.sort_values(["Dataset", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    )
+
+
+def _cell(row: pd.Series, name: str, digits: int) -> str:
+    mean, std, theirs = row[name], row[f"{name} std"], row[f"{name} paper"]
+    text = f"{mean:.{digits}f}" + ("" if math.isnan(std) or std == 0 else f" ± {std:.{digits}f}")
+    if math.isnan(theirs):
+        return text
+    if f"{name} diff %" in row:
+        return f"{text} (paper {theirs:.4f}, {row[f'{name} diff %']:+.1f} %)"
+    return f"{text} (paper {theirs:g})"
+
+
+COLUMNS = [
+    "Model",
+    "Seeds",
+    "HR@10",
+    "HR@100",
+    "NDCG@10",
+    "NDCG@100",
+    "Training time (s)",
+    "Best epoch",
+    "Peak memory (MB)",
+    "Verdict",
+]
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 as it is shown: ours ± std (paper, difference) in each cell."""
+    rows = []
+    for _, row in table.iterrows():
+        digits = {name: 4 for _, name, _ in METRICS} | {
+            "Training time (s)": 1,
+            "Best epoch": 1 if row["Seeds"] > 1 else 0,
+        }
+        cells = {name: _cell(row, name, d) for name, d in digits.items()}
+        memory = row["Peak memory (MB)"]
+        rows.append(
+            {
+                "Dataset": row["Dataset"],
+                "Model": row["Model"],
+                "Seeds": row["Seeds"],
+                **cells,
+                "Peak memory (MB)": "" if math.isnan(memory) else f"{memory:,.0f}",
+                "Verdict": row["Verdict"],
+            }
+        )
+    return pd.DataFrame(rows, columns=["Dataset", *COLUMNS])

@@ -1,0 +1,133 @@
+"""Ray Tune's side of a trial, run in the worker: the trainable, its resources and search spaces.
+
+The trainable is `trial.run_trial` unchanged; this module only adds what Tune needs around
+it: a report every epoch, the full training state saved beside the trial's record at most
+about once a minute and at the end, and a per-trial result record written by rename. A trial
+whose record exists returns at once, and one with a saved state continues from it, so a resumed
+sweep or a retried trial never re-runs finished work, even when Tune's own experiment snapshot
+is older than the crash.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from raysweep.core.atomic import atomic_write
+from raysweep.core.config import TrialConfig, trial_key
+from raysweep.core.errors import Diverged
+from raysweep.core.trial import run_trial
+from raysweep.sweep import faults
+from raysweep.sweep.records import TrialRecord, failed_record, finished_record
+from raysweep.sweep.rundir import RunDir
+from raysweep.sweep.spec import Distribution
+
+CHECKPOINT_SECONDS = 60.0
+
+
+def trial_config(config: dict[str, Any]) -> TrialConfig:
+    """The trial's settings: the fixed ones plus whatever a search sampled."""
+    return TrialConfig.from_dict({**config["trial"], **config.get("search", {})}, where="trial")
+
+
+def summary(record: TrialRecord) -> dict[str, Any]:
+    """The metrics Tune sees for a finished trial."""
+    return {
+        "epoch": record.epochs,
+        "best_ndcg@10": record.val["ndcg@10"],
+        "finished": True,
+        **{f"test_{k}": v for k, v in record.test.items()},
+    }
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """One Tune trial: `run_trial` with per-epoch reports, a saved state and a result record."""
+    run = RunDir(config["run_dir"])
+    cfg = trial_config(config)
+    key = trial_key(cfg)
+    stage = config.get("stage", "seeds")
+    done = run.read_record(key)
+    if done is not None and done.ok:  # a failed trial's record is replaced when it runs again
+        if stage not in done.stages:  # e.g. a search trial that is also the chosen setting's seed run
+            done.stages.append(stage)
+            run.write_record(done)
+        tune.report(summary(done))
+        return
+    started_at = time.time()
+    # The state lives beside the record, not in a Tune checkpoint: Tune deletes a trial's older
+    # checkpoint before it snapshots its experiment state, and a kill in between leaves a
+    # snapshot that points at a deleted checkpoint, which Tune then cannot restore.
+    state_path = run.state_file(key)
+    resume = None
+    if state_path.is_file():
+        # weights_only: the state holds tensors and plain values, never pickled objects.
+        resume = torch.load(state_path, map_location="cpu", weights_only=True)
+    last_saved = time.monotonic()
+
+    def on_epoch(report, state) -> None:
+        nonlocal last_saved
+        faults.trial_point(cfg.extra, report.epoch, restored=resume is not None)
+        metrics = {**report.row(), "best_ndcg@10": report.best_ndcg, "best_epoch": report.best_epoch}
+        if report.done or time.monotonic() - last_saved >= cfg.extra.get(
+            "checkpoint_seconds", CHECKPOINT_SECONDS
+        ):
+            snapshot = state()
+            atomic_write(state_path, lambda tmp: torch.save(snapshot, tmp))
+            last_saved = time.monotonic()
+        tune.report(metrics)
+
+    where = dict(
+        searched=config.get("search", {}),
+        node_id=ray.get_runtime_context().get_node_id(),
+        host=platform.node(),
+        started_at=started_at,
+        resources=dict(tune.get_context().get_trial_resources().required_resources),
+    )
+    try:
+        result = run_trial(cfg, on_epoch=on_epoch, resume=resume)
+    except Diverged as exc:  # settings that cannot train: no retry would help, and it must never win
+        run.write_record(failed_record(cfg, key, stage, str(exc), **where, finished_at=time.time()))
+        state_path.unlink(missing_ok=True)
+        tune.report({"epoch": exc.epoch, "best_ndcg@10": 0.0, "finished": True, "diverged": str(exc)})
+        return
+    record = finished_record(
+        result.summary(),
+        key,
+        stage,
+        **where,
+        finished_at=time.time(),
+        resumed_from_epoch=resume["epoch"] if resume is not None else None,
+    )
+    run.write_record(record, result)
+    state_path.unlink(missing_ok=True)  # the record now says all; a rerun starts afresh
+    tune.report(summary(record))
+
+
+def resources_for(spec_resources) -> Any:
+    """BPR-MF (implicit's CPU build) never asks for a GPU; sequential trials ask for a fraction."""
+
+    def resources(config: dict[str, Any]) -> dict[str, float]:
+        gpu = 0.0 if config["trial"].get("model") == "bpr" else spec_resources.gpus
+        return {"cpu": spec_resources.cpus, "gpu": gpu}
+
+    return resources
+
+
+def search_space(space: dict[str, Distribution]) -> dict[str, Any]:
+    """Tune domains from a sweep file's search block (OptunaSearch converts them)."""
+    out = {}
+    for name, d in space.items():
+        if d.choice is not None:
+            out[name] = tune.choice(d.choice)
+        elif d.uniform is not None:
+            out[name] = tune.uniform(*d.uniform)
+        elif d.loguniform is not None:
+            out[name] = tune.loguniform(*d.loguniform)
+        else:
+            out[name] = tune.randint(*d.randint)
+    return out

@@ -1,0 +1,284 @@
+"""The sweep driver on a real (two-node, local) Ray cluster: smoke end to end, fractional
+GPUs, resume after the driver is SIGKILLed (also mid-way through Tune's state write), MLflow."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from raysweep.run import run_sweep
+from raysweep.sweep.rundir import RunDir
+
+pytestmark = pytest.mark.sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_sweep_end_to_end(ray_cluster, tmp_path):
+    run_dir = run_sweep(ROOT / "sweeps" / "smoke.yaml", results=tmp_path / "smoke")
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert (results["status"] == "ok").all()
+    assert results["key"].is_unique
+    # 6 grid trials + 2 BPR-MF search samples, the best of which is also the seed run.
+    assert len(results) == 8 and results["in_table2"].sum() == 7
+    assert {
+        "test_hr@10",
+        "test_hr@100",
+        "test_ndcg@10",
+        "test_ndcg@100",
+        "best_epoch",
+        "train_seconds",
+        "node_id",
+        "device",
+        "precision",
+    } <= set(results.columns)
+    table = pd.read_csv(run_dir / "report" / "table2.csv")
+    assert list(table["Model"]) == [
+        "BPR-MF",
+        "GRU4Rec",
+        "BERT4Rec",
+        "SASRec",
+        "SASRec+",
+        "SASRec+ 10",
+        "SASRec+ 30",
+    ]
+    for name in ("HR@10", "HR@100", "NDCG@10", "NDCG@100", "Training time (s)", "Best epoch"):
+        assert {name, f"{name} std", f"{name} paper"} <= set(table.columns)
+    assert {"Peak memory (MB)", "Verdict"} <= set(table.columns)
+    markdown = (run_dir / "report" / "table2.md").read_text()
+    assert "## synthetic-chains" in markdown and "| Model | Seeds | HR@10 |" in markdown
+    assert (run_dir / "report" / "index.html").read_text().count('class="dataframe table2"') == 1
+    for figure in ("figure1.png", "figure2.png"):
+        assert (run_dir / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The planted pattern is learnt even in 3 epochs by SASRec (a sanity check of the plumbing).
+    assert table.set_index("Model").loc["SASRec+", "NDCG@10"] > 0.5
+    # Trials ran on both nodes of the cluster (a worker may have been replaced by a test before).
+    assert results["node_id"].nunique() >= 2
+    # Tune's TensorBoard logs are there for every trial.
+    assert len(list((run_dir / "tune").rglob("events.out.tfevents.*"))) >= 8
+
+
+SHARED_GPU = """
+name: shared-gpu
+datasets: [synthetic-chains]
+settings: {max_epochs: 4, patience: 4, val_users: 200, hidden: 16}
+models:
+  - {model: sasrec, loss: sampled_ce, negatives: [5, 10, 20]}
+resources: {cpus: 0.5, gpus: 0.5}
+"""
+
+
+def test_fractional_gpu_trials_share_one_logical_gpu(ray_cluster, tmp_path):
+    spec = tmp_path / "shared-gpu.yaml"
+    spec.write_text(SHARED_GPU)
+    run_dir = run_sweep(spec, results=tmp_path / "run")
+    records = RunDir(run_dir).load_records()
+    assert len(records) == 3 and all(r.context["resources"]["GPU"] == 0.5 for r in records)
+    # One logical GPU at 0.5 per trial: two run at once, never three.
+    events = sorted(
+        [(r.context["started_at"], 1) for r in records] + [(r.context["finished_at"], -1) for r in records]
+    )
+    running, most = 0, 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    assert most == 2
+
+
+RESUMABLE = """
+name: resumable
+datasets: [synthetic-chains]
+settings: {patience: 50, val_users: 200, hidden: 16, extra: {checkpoint_seconds: 0}}
+models:
+  - {model: sasrec, loss: ce, settings: {max_epochs: 1}}
+  - {model: gru4rec, loss: ce, settings: {max_epochs: 1}}
+  - {model: sasrec, loss: bce, settings: {max_epochs: 40}}
+resources: {cpus: 1, gpus: 0}
+"""
+
+
+def _driver(spec, run_dir, address, *extra):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "raysweep.run",
+            str(spec),
+            "--results",
+            str(run_dir),
+            "--address",
+            address,
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _whole(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except ValueError:
+        return False
+
+
+def _kill_while_tune_state_is_whole(driver, run_dir):
+    """SIGKILL the driver at a moment its Tune state is whole (Tune rewrites it in place; the kill
+    mid-write is a later test's case)."""
+    for _ in range(100):
+        os.killpg(driver.pid, signal.SIGSTOP)
+        states = list((run_dir / "tune").rglob("experiment_state-*.json"))
+        if states and all(_whole(p) for p in states):
+            break
+        os.killpg(driver.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+
+def _saved_epoch(run_dir: Path, pattern: str) -> int:
+    """The epoch of the training state a running trial saved beside its record (0: none yet)."""
+    for path in (run_dir / "trials").glob(f"{pattern}/state.pt"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+        except (OSError, RuntimeError):  # renamed away between the glob and the load
+            pass
+    return 0
+
+
+def _wait_for(driver, ready, seconds=240):
+    deadline = time.time() + seconds
+    while time.time() < deadline and driver.poll() is None and not ready():
+        time.sleep(0.2)
+    assert driver.poll() is None, driver.stdout.read()
+
+
+def test_resume_after_sigkill(ray_cluster, tmp_path):
+    cluster, _ = ray_cluster
+    spec = tmp_path / "resumable.yaml"
+    spec.write_text(RESUMABLE)
+    run_dir = tmp_path / "run"
+    driver = _driver(spec, run_dir, cluster.address)
+    states = run_dir / "tune"
+
+    def snapshot_taken():
+        found = list(states.rglob("experiment_state-*.json"))
+        return bool(found) and all(_whole(p) for p in found)
+
+    # Tune's snapshot of the stage, taken once a trial has finished and the long one has saved epoch 3...
+    _wait_for(driver, lambda: len(list((run_dir / "trials").glob("*/result.json"))) >= 1)
+    _wait_for(driver, lambda: _saved_epoch(run_dir, "*bce*") >= 3 and snapshot_taken())
+    old = {p: p.read_bytes() for p in states.rglob("experiment_state-*.json")}
+    # ...is what a kill leaves when the trial has trained on since Tune last wrote it.
+    _wait_for(driver, lambda: _saved_epoch(run_dir, "*bce*") >= 6)
+    _kill_while_tune_state_is_whole(driver, run_dir)
+    trained_to = _saved_epoch(run_dir, "*bce*")
+    for state in states.rglob("experiment_state-*.json"):
+        state.unlink()
+    for path, text in old.items():
+        path.write_bytes(text)
+    killed_with = len(list((run_dir / "trials").glob("*/result.json")))
+    assert 1 <= killed_with < 3
+
+    again = _driver(spec, run_dir, cluster.address)
+    assert again.wait(timeout=300) == 2  # without --resume a used run directory is refused
+    resumed = _driver(spec, run_dir, cluster.address, "--resume")
+    output = resumed.communicate(timeout=400)[0]
+    assert resumed.returncode == 0, output
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert len(results) == 3 and results["key"].is_unique and (results["status"] == "ok").all()
+    long_run = json.loads(next(p for p in (run_dir / "trials").glob("*bce*/result.json")).read_text())
+    # The running trial continued from its newest state, not from Tune's older snapshot or epoch 1.
+    assert long_run["resumed_from_epoch"] >= max(trained_to, 6) and long_run["epochs"] == 40
+    assert not list((run_dir / "trials").glob("*/state.pt"))  # a finished trial keeps only its record
+
+
+def test_resume_after_a_kill_cut_tunes_state_short(ray_cluster, tmp_path):
+    cluster, _ = ray_cluster
+    spec = tmp_path / "cut.yaml"
+    spec.write_text(RESUMABLE.replace("max_epochs: 40", "max_epochs: 12"))
+    run_dir = tmp_path / "run"
+    driver = _driver(spec, run_dir, cluster.address)
+    _wait_for(
+        driver,
+        lambda: list((run_dir / "trials").glob("*/result.json")) and _saved_epoch(run_dir, "*bce*") >= 1,
+    )
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    states = list((run_dir / "tune").rglob("experiment_state-*.json"))
+    assert states
+    for state in states:  # what a kill in the middle of Tune's rewrite leaves
+        state.write_text("")
+    resumed = _driver(spec, run_dir, cluster.address, "--resume")
+    output = resumed.communicate(timeout=400)[0]
+    assert resumed.returncode == 0, output
+    assert "cut short by a kill; not restoring from it" in output
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert len(results) == 3 and results["key"].is_unique and (results["status"] == "ok").all()
+
+
+TRACKED = """
+name: tracked
+datasets: [synthetic-chains]
+settings: {max_epochs: 3, patience: 3, val_users: 200, hidden: 16}
+models:
+  - {model: sasrec, loss: ce}
+  - {model: sasrec, loss: sampled_ce, negatives: [10]}
+tracking: mlflow
+resources: {cpus: 1}
+"""
+
+
+def test_mlflow_tracks_every_trial(ray_cluster, tmp_path):
+    """Through Tune's MLflowLoggerCallback into RUN_DIR/mlflow.db, read back with MLflow's client:
+    one run per trial (named by its key), its epochs' validation NDCG@10, its test metrics, and
+    the report as the artifacts of a "report" run."""
+    import mlflow
+
+    spec = tmp_path / "tracked.yaml"
+    spec.write_text(TRACKED)
+    run_dir = run_sweep(spec, results=tmp_path / "run")
+    results = pd.read_parquet(run_dir / "results.parquet").set_index("key")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tracked")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(results.index) | {"report"}
+    for key, row in results.iterrows():
+        run = runs[key]
+        epochs = client.get_metric_history(run.info.run_id, "val_ndcg_at_10")
+        assert [m.step for m in epochs][:3] == [1, 2, 3] and len(epochs) >= row["epochs"]
+        assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(row["test_ndcg@10"])
+        assert run.data.params["loss"] == row["loss"] and run.data.tags["label"] == row["label"]
+    artifacts = {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
+    assert {"table2.md", "index.html"} <= artifacts
+
+
+def test_tracking_without_mlflow_is_one_line_before_any_trial(tmp_path):
+    spec = tmp_path / "tracked.yaml"
+    spec.write_text(TRACKED)
+    probe = (
+        "import sys, runpy; sys.modules['mlflow'] = None; "
+        "sys.argv = ['raysweep.run', sys.argv[1], '--results', sys.argv[2]]; "
+        "runpy.run_module('raysweep.run', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(spec), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        f'error: {spec}: tracking with MLflow needs the mlflow extra: pip install -e ".[mlflow]"'
+    )
+    assert not (tmp_path / "run").exists()
