@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 from raysweep.core.config import TrialConfig
-from raysweep.core.trial import run_trial, write_result
+from raysweep.core.outputs import write_result
+from raysweep.core.trial import run_trial
 from raysweep.report.paper import paper_row
 from raysweep.train import progress
 
-# name: settings (the paper's figures come from raysweep.paper)
+# name: settings (the paper's figures come from raysweep.report.paper)
 RUNS = {
     "ml-1m-sasrec+": dict(dataset="ml-1m", loss="ce"),
     "beauty-sasrec+": dict(dataset="beauty", loss="ce"),

@@ -6,10 +6,10 @@
 Each row trains real epochs of the shared trainer on the real data with the paper's settings
 and reports the median epoch after the first (which pays for warm-up), with the test NDCG@10
 of the same run: after `--epochs` epochs, or, with `--converge`, after training by the
-paper's rule, next to the paper's (raysweep.paper). `--steps K` (CPU) times K training
+paper's rule, next to the paper's (raysweep.report.paper). `--steps K` (CPU) times K training
 steps and one validation pass instead and scales them to a whole epoch; the table says so,
 and how many ops one eager step dispatches (`kernel_ops`).
-Reference seconds: the paper's code on an H100 (raysweep.paper.PAPER_CODE_SECONDS); the
+Reference seconds: the paper's code on an H100 (raysweep.report.paper.PAPER_CODE_SECONDS); the
 speed-up is printed only on that card.
 """
 

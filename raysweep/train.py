@@ -20,8 +20,9 @@ from typing import Literal, get_args, get_origin
 from raysweep.core.atomic import check_output_path
 from raysweep.core.config import TrialConfig
 from raysweep.core.errors import UserError, cli
+from raysweep.core.outputs import write_result
 from raysweep.core.trainer import EpochReport
-from raysweep.core.trial import run_trial, write_result
+from raysweep.core.trial import run_trial
 
 
 def progress(report: EpochReport) -> None:

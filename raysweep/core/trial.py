@@ -8,7 +8,6 @@ paper's rule, and tests the best epoch's weights on every user.
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
-from raysweep.core.atomic import atomic_write
 from raysweep.core.config import TrialConfig
 from raysweep.core.data import load_interactions
 from raysweep.core.devices import autocast_for, precision, resolve_device
@@ -183,30 +180,4 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
         fitted.history,
         ranks.numpy(),
         split.sha256(),
-    )
-
-
-HISTORY_FILE, RANKS_FILE, METRICS_FILE = "history.parquet", "ranks.parquet", "metrics.json"
-
-
-def ranks_frame(ranks: np.ndarray) -> pd.DataFrame:
-    """ranks.parquet: row u is test user u's 0-based target rank (a miss: metrics.miss_rank)."""
-    return pd.DataFrame({"rank": np.asarray(ranks, dtype=np.int32)})
-
-
-def write_history_and_ranks(
-    folder: Path, history: list[dict[str, Any]] | None, ranks: np.ndarray | None
-) -> None:
-    """history.parquet and ranks.parquet, each under a temporary name, then renamed."""
-    if history is not None:
-        atomic_write(folder / HISTORY_FILE, lambda tmp: pd.DataFrame(history).to_parquet(tmp, index=False))
-    if ranks is not None:
-        atomic_write(folder / RANKS_FILE, lambda tmp: ranks_frame(ranks).to_parquet(tmp, index=False))
-
-
-def write_result(result: TrialResult, out: Path) -> None:
-    """history.parquet, ranks.parquet, then metrics.json (last: its presence means all are there)."""
-    write_history_and_ranks(out, result.history, result.ranks)
-    atomic_write(
-        out / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
     )

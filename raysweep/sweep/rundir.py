@@ -19,16 +19,19 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from raysweep.core.atomic import atomic_write, check_output_path
 from raysweep.core.errors import UserError
-from raysweep.core.trial import HISTORY_FILE, RANKS_FILE, TrialResult, write_history_and_ranks
+from raysweep.core.outputs import HISTORY_FILE, RANKS_FILE, write_history_and_ranks
 from raysweep.sweep import faults
 from raysweep.sweep.records import Damaged, TrialRecord, check_plan, record_row, records_table
+
+if TYPE_CHECKING:
+    from raysweep.core.trial import TrialResult
 
 DRIVER_FILES = {".lock", ".write-probe"}
 RECORD_FILE, STATE_FILE = "result.json", "state.pt"
@@ -118,7 +121,7 @@ class RunDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"{self}: cannot create the run directory ({exc.strerror})") from None
+            raise UserError(f"{self}: cannot create the results directory ({exc.strerror})") from None
 
     def prepare(self, spec_path: Path, resume: bool) -> bool:
         """Make sure results can be written before any trial starts; refuse to mix two sweeps.

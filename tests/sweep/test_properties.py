@@ -246,7 +246,11 @@ def _finished_run(folder):
             RunDir(source).write_record(finished_record(result.summary(), trial_key(cfg), "seeds"), result)
         RunDir(source).write_results()
         (source / "plan.json").write_text('{"stages": {"seeds": {"kind": "seeds", "trials": []}}}')
-        (source / "spec.yaml").write_text("name: s\ncompare: [[SASRec+, SASRec]]\n")
+        (source / "spec.yaml").write_text(
+            "name: s\ndatasets: [synthetic-chains]\n"
+            "models: [{model: sasrec, loss: ce}, {model: sasrec, loss: bce}]\n"
+            "compare: [[SASRec+, SASRec]]\n"
+        )
         _FINISHED["run"] = source
     shutil.copytree(_FINISHED["run"], folder / "run")
     return folder / "run"
