@@ -48,7 +48,10 @@ sys.addaudithook(hook)
 
 
 def record(dataset: str = "beauty", seed: int = 0, ndcg: float = 0.0327) -> dict:
-    from raysweep.core.config import TrialConfig, trial_key
+    try:
+        from raysweep.core.config import TrialConfig, trial_key
+    except ImportError:  # a tree from before the three sub-packages
+        from raysweep.config import TrialConfig, trial_key
 
     cfg = TrialConfig.from_dict({"dataset": dataset, "model": "sasrec", "loss": "ce", "seed": seed})
     return {
@@ -326,13 +329,13 @@ def probes(tmp: Path, quick: bool):
             f"~/.config/mlflow written: {(home / '.config' / 'mlflow').exists()}",
         )
     # (signals from outside, on the driver's own lines, so that any version can be probed)
-    for cue, tag in (
-        ("best {", "3 SIGINT between search and seeds"),
-        ("/seeds-", "3 SIGINT after the last trial"),
+    for cue, tag, name in (
+        ("best {", "3 SIGINT between search and seeds", "r3-between"),
+        ("/seeds-", "3 SIGINT after the last trial", "r3-last"),
     ):
         if quick:
             continue
-        yield tag, *sweep(tmp, f"r3-{tag[2:8]}", SEARCHED, signal_on=cue, sig=signal.SIGINT)
+        yield tag, *sweep(tmp, name, SEARCHED, signal_on=cue, sig=signal.SIGINT)
     if not quick:
         yield (
             "3 SIGINT once the seeds stage runs",
