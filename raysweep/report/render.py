@@ -20,7 +20,7 @@ from raysweep.core.atomic import atomic_write
 from raysweep.report import comparisons as paired
 from raysweep.report.figures import figure1, figure2
 from raysweep.report.paper import CLAIMS
-from raysweep.report.table2 import COLUMNS, TOLERANCE, formatted, table2, trusted
+from raysweep.report.table2 import COLUMNS, PROTOCOL, TOLERANCE, formatted, table2, trusted
 from raysweep.sweep.records import missing_trials
 from raysweep.sweep.rundir import RunDir
 from raysweep.sweep.spec import read_spec
@@ -113,7 +113,10 @@ def sections(parts: Parts) -> list:
             Paragraph(
                 "Each cell: ours (mean ± std over seeds), then the paper's value and our difference from it. "
                 f"Verdict: HR@10 and NDCG@10 within {TOLERANCE:.0%} of the paper, or the paper inside our "
-                'seeds\' range, is "reproduced"; else above or below it.'
+                'seeds\' range, is "reproduced"; else above or below it. Trials that did not run the '
+                "paper's protocol (an epoch cap that stopped them before their patience ran out, or a "
+                f'setting the paper fixes, {", ".join(PROTOCOL)}, set otherwise) are "not comparable": '
+                "the verdict says what differs, and their numbers say nothing about the paper's."
             )
         )
     if parts.comparisons or parts.notes:

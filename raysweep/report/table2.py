@@ -1,6 +1,7 @@
 """The paper's Table 2 from a run's results: per dataset and model, each metric's mean and std over
 seeds beside the paper's value, and a verdict ("reproduced": HR@10 and NDCG@10 within 5 % of the
-paper or inside our seeds' range; else "above" / "below"). Only the seeds stage enters it, and
+paper or inside our seeds' range; else "above" / "below"; "not comparable: ..." where the trials
+did not run the paper's protocol). Only the seeds stage enters it, and
 only rows a report may believe (`trusted`).
 """
 
@@ -12,6 +13,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from raysweep.core.config import PAPER_DATASETS, TrialConfig
 from raysweep.report.paper import paper_row
 
 PAPER_ORDER = ["BPR-MF", "GRU4Rec", "BERT4Rec", "SASRec", "SASRec+"]
@@ -23,6 +25,8 @@ METRICS = [
 ]
 OTHERS = [("train_seconds", "Training time (s)", "seconds"), ("best_epoch", "Best epoch", "best_epoch")]
 TOLERANCE = 0.05  # "reproduced": within 5 % of the paper
+# The settings the paper fixes that move its numbers; a row that differs in one is not its row.
+PROTOCOL = ("hidden", "max_len", "val_users", "patience")
 
 
 def order(label: str) -> tuple:
@@ -82,6 +86,29 @@ def _verdict(group: pd.DataFrame, paper) -> str:
     return {1.0: "above", -1.0: "below"}.get(off[0], "mixed") if len(set(off)) == 1 else "mixed"
 
 
+def protocol_gap(group: pd.DataFrame) -> str:
+    """What keeps these trials from the paper's protocol, '' if nothing: an epoch cap that cut a
+    trial before its patience ran out, or a setting the paper fixes (`PROTOCOL`) set otherwise."""
+    first = group.iloc[0]
+    if first.get("model") in (None, "bpr") or first.get("dataset") not in PAPER_DATASETS:
+        return ""  # (BPR-MF's budget is its searched iterations; a file of one's own has no paper)
+    gaps = []
+    if {"epochs", "best_epoch", "max_epochs", "patience"} <= set(group.columns):
+        left = group["epochs"] - group["best_epoch"]  # epochs without a gain when it ended
+        cut = (group["epochs"] >= group["max_epochs"]) & (left < group["patience"])
+        if cut.any():
+            gaps.append(f"{int(group['max_epochs'].max())}-epoch budget")
+    kind = {k: first.get(k) for k in ("dataset", "model", "loss") if pd.notna(first.get(k))}
+    if pd.notna(first.get("negatives")):
+        kind["negatives"] = int(first["negatives"])
+    paper = TrialConfig.from_dict(kind)
+    for name in PROTOCOL:
+        if name in group and set(group[name]) != {getattr(paper, name)}:
+            ours = "/".join(f"{v:g}" for v in sorted(set(group[name].astype(float))))
+            gaps.append(f"{name} {ours} (paper {getattr(paper, name):g})")
+    return ", ".join(gaps)
+
+
 def table2(results: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset x model: each column's mean and std over seeds, the paper's value and
     the relative difference (raw numbers; `table2_markdown` formats them), peak memory, verdict."""
@@ -103,7 +130,8 @@ def table2(results: pd.DataFrame) -> pd.DataFrame:
             group["peak_memory_mb"].astype(float) if "peak_memory_mb" in group else pd.Series(dtype=float)
         )
         row["Peak memory (MB)"] = memory.mean() if memory.notna().any() else float("nan")
-        row["Verdict"] = _verdict(group, paper) if paper else ""
+        gap = protocol_gap(group) if paper else ""
+        row["Verdict"] = f"not comparable: {gap}" if gap else _verdict(group, paper) if paper else ""
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:

@@ -278,7 +278,7 @@ def test_a_restored_stage_counts_its_earlier_trials_as_done_not_waiting(tmp_path
 
     trials = [
         trial("TERMINATED", {"finished": True}),
-        trial("TERMINATED", {"finished": True, "diverged": "loss is nan at epoch 3"}),
+        trial("TERMINATED", {"finished": True, "failed": "diverged at epoch 3: the training loss is nan"}),
         trial("TERMINATED", {"finished": True, "epoch": 9}),
         trial("RUNNING"),
         trial("PENDING"),
@@ -386,3 +386,40 @@ def test_a_bad_archive_or_target_is_one_line_and_writes_nothing(evidence, tmp_pa
         assert (sorted(p.name for p in target.rglob("*")) if target.exists() else None) == before
     with pytest.raises(UserError, match="no spec.yaml here"):
         archive.pack(other, tmp_path / "x.parquet")
+
+
+def test_a_row_off_the_papers_protocol_is_not_comparable_and_says_why():
+    """Beauty SASRec+ at the paper's numbers: cut by a 3-epoch cap while still improving, or run
+    with 2,000 validation users, it gets no above / below verdict but what differs; stopped by
+    its patience under the same cap, it is the paper's row and is judged."""
+    from raysweep.report.table2 import table2
+
+    base = dict(
+        status="ok",
+        in_table2=True,
+        label="SASRec+",
+        dataset="beauty",
+        model="sasrec",
+        loss="ce",
+        negatives=None,
+        seed=0,
+        hidden=64,
+        max_len=50,
+        val_users=10_000,
+        patience=10,
+        max_epochs=100,
+        epochs=40,
+        best_epoch=30,
+        train_seconds=1.0,
+        peak_memory_mb=1.0,
+        **{"test_hr@10": 0.0533, "test_ndcg@10": 0.0327, "test_hr@100": 0.2, "test_ndcg@100": 0.06},
+    )
+
+    def verdict(**change):
+        return table2(pd.DataFrame([{**base, **change}]))["Verdict"].item()
+
+    assert verdict() == "reproduced"
+    assert verdict(max_epochs=3, epochs=3, best_epoch=3) == "not comparable: 3-epoch budget"
+    assert verdict(max_epochs=40) == "reproduced"  # its patience ran out as the cap came
+    assert verdict(val_users=2000) == "not comparable: val_users 2000 (paper 10000)"
+    assert verdict(**{"test_ndcg@10": 0.02}) == "below"
