@@ -29,7 +29,8 @@ else
 fi
 # implicit (BPR-MF) and pydantic from the bundle's wheels, only if missing.
 if ! python3 -c "import implicit, pydantic" 2>/dev/null && compgen -G ".gpu-bundle/whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu-bundle/whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    --find-links .gpu-bundle/whl implicit pydantic pydantic_core annotated_types typing_inspection typing_extensions \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
@@ -47,9 +48,22 @@ capped() {  # capped SECONDS COMMAND...: run it in its own process group; TERM t
   return "$rc"
 }
 
-step() {  # step NAME CAP COMMAND...: at most CAP seconds (less if the budget is nearly spent), output in $OUT/NAME.txt
-  local name=$1 cap=$2 began=$SECONDS left=$((deadline - SECONDS))
-  shift 2
+missing() {  # missing MODULE...: the Python modules of these that this python3 cannot import
+  local m out=()
+  for m in "$@"; do python3 -c "import $m" 2>/dev/null || out+=("$m"); done
+  echo "${out[*]}"
+}
+
+step() {  # step NAME CAP NEEDS COMMAND...: at most CAP seconds (less if the budget is nearly spent),
+  # output in $OUT/NAME.txt; NEEDS (comma-separated Python modules) missing: "skipped: needs X"
+  local name=$1 cap=$2 needs=$3 began=$SECONDS left=$((deadline - SECONDS))
+  shift 3
+  local lacking
+  lacking=$(missing ${needs//,/ })
+  if [ -n "$lacking" ]; then
+    echo "== $name: skipped: needs $lacking" | tee "$OUT/$name.txt"
+    return
+  fi
   ((cap > left)) && cap=$left
   if ((cap < 15)); then
     echo "== $name: not run, the script's time budget is spent" | tee "$OUT/$name.txt"
@@ -71,25 +85,25 @@ else
 fi
 python3 -c "import torch; print('torch', torch.__version__)"
 if [ "$part" != table2 ]; then
-  step gpu_tests 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-  step speed 90 python3 benchmarks/speed.py --device "$DEVICE" "${speed[@]}"
-  step speed_graphs 80 python3 benchmarks/speed.py --device "$DEVICE" "${graphs[@]}" "${speed[@]}"
+  step gpu_tests 110 pytest,torch,numpy,pandas,pyarrow,pydantic,yaml python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py
+  step speed 90 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/speed.py --device "$DEVICE" "${speed[@]}"
+  step speed_graphs 80 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/speed.py --device "$DEVICE" "${graphs[@]}" "${speed[@]}"
 fi
 if [ "$part" != speed ]; then
   GRAPHS=${GRAPHS:-auto}
   if [ "$GRAPHS" = auto ] && [ "$DEVICE" = cuda ]; then
-    step graphs_check 40 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+    step graphs_check 40 pytest,torch,numpy,pandas,pyarrow,pydantic,yaml python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py \
       -k "cuda_graphs_trial and sampled_ce"
     GRAPHS=0
     grep -q "1 passed" "$OUT/graphs_check.txt" && GRAPHS=1
   fi
   [ "$GRAPHS" = 1 ] && table2+=(--cuda-graphs)
   echo "== table2 with CUDA graphs: $([ "$GRAPHS" = 1 ] && echo yes || echo no)"
-  step chunked_ce 60 python3 benchmarks/chunked_ce.py --device "$DEVICE" "${chunked[@]}"
+  step chunked_ce 60 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/chunked_ce.py --device "$DEVICE" "${chunked[@]}"
   rm -rf /tmp/table2-one-card
   # Table 2 takes what is left but 60 s, which packing gets (more, if Table 2 ends early).
-  step table2 $((deadline - SECONDS - 60)) python3 benchmarks/one_card.py --device "$DEVICE" --out /tmp/table2-one-card "${table2[@]}"
+  step table2 $((deadline - SECONDS - 60)) torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/one_card.py --device "$DEVICE" --out /tmp/table2-one-card "${table2[@]}"
   cp /tmp/table2-one-card/results.parquet "$OUT/table2_results.parquet" 2>/dev/null
   cp /tmp/table2-one-card/report/figure1.png "$OUT/table2_figure1.png" 2>/dev/null
-  step packing 120 python3 benchmarks/packing.py --device "$DEVICE" "${packing[@]}"
+  step packing 120 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/packing.py --device "$DEVICE" "${packing[@]}"
 fi

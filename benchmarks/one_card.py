@@ -212,14 +212,16 @@ def main() -> int:
     if not (run_dir / "results.parquet").is_file():
         print("no trial has finished: nothing to report")
         return 0 if stopped is None else 143
-    from raysweep.report.render import write_report
+    try:  # the report needs scipy and matplotlib, which a bare GPU image may lack
+        from raysweep.report.render import write_report
 
-    try:
         written = write_report(RunDir(run_dir))
-    except ImportError as exc:  # figures need matplotlib; the tables do not
-        written = [f"no figures ({exc})"]
-    print((run_dir / "report" / "table2.md").read_text())
-    print("written:", ", ".join(str(p) for p in written))
+    except ImportError as exc:
+        results = run_dir / "results.parquet"
+        print(f"report skipped: needs {exc.name or exc}; the trials' results are in {results}")
+    else:
+        print((run_dir / "report" / "table2.md").read_text())
+        print("written:", ", ".join(str(p) for p in written))
     return 0 if stopped is None else 143  # 128 + SIGTERM: stopped before the grid was done
 
 

@@ -81,6 +81,8 @@ def run_sweep(
             print(f"[raysweep] {spec.name}: {spec.description.strip()}", flush=True)
         try:
             local = cluster.start_ray(address)
+            if not local:  # trials on other nodes write their records into the run directory
+                cluster.check_shared(run.path)
         except BaseException:
             if fresh:  # nothing half-started is left behind
                 run.forget_start()

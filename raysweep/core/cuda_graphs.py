@@ -151,6 +151,11 @@ def graphed_step(
         raise UserError(f"cuda_graphs needs a CUDA device, not {device}")
     graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[str, torch.Tensor]]] = {}
     warm_up = WARM_UP
+    # One memory pool for all of a trial's graphs: each graph's temporaries are freed when its
+    # capture ends and another graph's capture reuses them (the graphs never run at once); what
+    # stays alive (weights, gradients, Adam's moments, each graph's inputs and loss) is never
+    # reused. Without it each bucket's graph holds a private pool of a whole step's activations.
+    pool = torch.cuda.graph_pool_handle()
 
     def fixed_loss(buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         return fixed_batch_loss(
@@ -183,9 +188,15 @@ def graphed_step(
                 return loss
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(generator)  # negatives: the trial's generator
-            optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients it reuses
+            first = not graphs
+            if first:  # the first graph's backward allocates the gradients, which every graph then shares
+                optimizer.zero_grad(set_to_none=True)
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, pool=pool):
+                    if (
+                        not first
+                    ):  # the gradients exist: backward would add to them, so zero them in the graph
+                        optimizer.zero_grad(set_to_none=False)
                     with autocast():
                         loss = fixed_loss(buffers)
                     loss.backward()

@@ -62,6 +62,14 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def device_used_mb(device: torch.device) -> float | None:
+    """What the whole GPU has in use now (CUDA context and other processes included); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / MB
+
+
 def training_bytes(
     model: str,
     loss: str | None,
@@ -74,10 +82,12 @@ def training_bytes(
     factors: int,
     num_users: int,
     num_items: int,
+    cuda_graphs: bool = False,
 ) -> int:
     """A low estimate of the memory a trial needs (bytes): the on-device sequences, the weights
     with their gradients and Adam's two moments (16 bytes a parameter), and one step's largest
-    activations. A trial whose estimate exceeds its device's memory cannot run at all."""
+    activations (twice with `cuda_graphs`: the graphs' shared pool holds a step's activations
+    beside the eager allocator's). A trial whose estimate exceeds its device's memory cannot run."""
     if model == "bpr":
         return (num_users + num_items) * factors * 4 * 3  # user and item factors, and the scores of a chunk
     sequences = 8 * num_users * (3 * max_len + 1)  # int64 training windows, validation and test inputs
@@ -89,4 +99,4 @@ def training_bytes(
         activations += batch_size * heads * max_len * max_len * blocks * 4 * 2  # attention scores and softmax
     if loss in ("sampled_ce", "gbce"):
         activations += batch_size * max_len * (negatives or 0) * 4 * 2  # [B, L, N] logits and their gradient
-    return sequences + 16 * parameters + activations
+    return sequences + 16 * parameters + activations * (2 if cuda_graphs else 1)

@@ -19,10 +19,10 @@ import torch
 
 from raysweep.core.config import TrialConfig
 from raysweep.core.data import load_interactions
-from raysweep.core.devices import autocast_for, precision, resolve_device
+from raysweep.core.devices import autocast_for, device_name, precision, resolve_device, use_device
 from raysweep.core.errors import UserError
 from raysweep.core.evaluation import rank_split
-from raysweep.core.memory import device_memory, track_peak, training_bytes
+from raysweep.core.memory import device_memory, device_used_mb, track_peak, training_bytes
 from raysweep.core.metrics import mean_metrics
 from raysweep.core.models import build_model
 from raysweep.core.split import SequenceData, Split, leave_one_out, sequence_data
@@ -49,6 +49,9 @@ class TrialResult:
     history: list[dict[str, Any]]
     ranks: np.ndarray  # int32, test user u's 0-based rank of their target (a miss: metrics.miss_rank)
     data_sha256: str  # the dataset's content (`Split.sha256`), as this trial read it
+    # What the whole card has in use at the end (torch.cuda.mem_get_info: the CUDA context and any
+    # process sharing the card included), beside `peak_memory_mb`, the trial's own tensors.
+    device_used_mb: float | None = None
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -69,6 +72,7 @@ class TrialResult:
             "peak_memory_mb": self.peak_memory_mb,
             "node": self.node,
             "data_sha256": self.data_sha256,
+            "device_used_mb": self.device_used_mb,
         }
 
 
@@ -79,9 +83,10 @@ def load_split(cfg: TrialConfig) -> Split:
     return leave_one_out(frame, cfg.dataset)
 
 
-def check_fits(cfg: TrialConfig, split: Split, device: torch.device | None) -> None:
+def check_fits(cfg: TrialConfig, split: Split, device: torch.device | None, share: float = 1.0) -> None:
     """Refuse, before anything is allocated, a sequential model on data that leaves it nothing to
-    learn from, and a trial that could not fit on its device (None: not known here)."""
+    learn from, and a trial that could not fit in its `share` of its device (None: not known here;
+    trials that share a card each get the fraction Ray gave them)."""
     if cfg.is_sequential and (np.diff(split.offsets) - 2).max() < 2:
         raise UserError(
             f"{cfg.dataset}: no user has two training items (every history is 3 items or shorter), "
@@ -101,13 +106,15 @@ def check_fits(cfg: TrialConfig, split: Split, device: torch.device | None) -> N
         cfg.factors,
         split.num_users,
         split.num_items,
+        cfg.cuda_graphs,
     )
-    have = device_memory(device)
+    have = device_memory(device) * share
     if need > have:
+        of = f"{device.type}" if share == 1.0 else f"its {share:g} share of {device.type}"
         raise UserError(
             f"{cfg.dataset}: {cfg.label} with hidden={cfg.hidden}, blocks={cfg.blocks}, "
             f"max_len={cfg.max_len}, batch_size={cfg.batch_size} needs at least {need / 2**30:,.1f} GiB, "
-            f"more than the {have / 2**30:,.1f} GiB of {device.type}"
+            f"more than the {have / 2**30:,.1f} GiB of {of}"
         )
 
 
@@ -123,11 +130,26 @@ def check_negatives(cfg: TrialConfig, data: SequenceData) -> None:
         )
 
 
-def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | None = None) -> TrialResult:
-    """Train and test one trial. Raises `Diverged` when the training loss turns non-finite."""
+def trained_in(cfg: TrialConfig, device: torch.device, model: torch.nn.Module) -> str:
+    """The precision the record states: bf16 autocast, naming any part kept in fp32 under it."""
+    kind = precision(cfg.amp, device)
+    parts = getattr(model, "FP32_PARTS", None)
+    return f"{kind} ({parts})" if kind == "bf16" and parts else kind
+
+
+def run_trial(
+    cfg: TrialConfig,
+    on_epoch: Hook | None = None,
+    resume: dict | None = None,
+    gpu_share: float = 0.0,
+) -> TrialResult:
+    """Train and test one trial. `gpu_share`: the fraction of a GPU the trial was given (Ray's
+    assignment; it must then run on that GPU). Raises `Diverged` when the training loss turns
+    non-finite."""
     split = load_split(cfg)
-    device = torch.device("cpu") if cfg.is_bpr else resolve_device(cfg.device)
-    check_fits(cfg, split, device)
+    device = torch.device("cpu") if cfg.is_bpr else resolve_device(cfg.device, gpu_assigned=gpu_share > 0)
+    use_device(device)
+    check_fits(cfg, split, device, gpu_share if device.type == "cuda" and gpu_share > 0 else 1.0)
     peak = track_peak(device)
     if cfg.is_bpr:
         from raysweep.core.bpr import run_bpr
@@ -174,10 +196,11 @@ def run_trial(cfg: TrialConfig, on_epoch: Hook | None = None, resume: dict | Non
         fitted.epochs,
         fitted.seconds,
         peak_so_far(),
-        torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        precision(cfg.amp, device),
+        device_name(device),
+        trained_in(cfg, device, model),
         platform.node(),
         fitted.history,
         ranks.numpy(),
         split.sha256(),
+        device_used_mb(device),
     )

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import sys
+from pathlib import Path
 
 from raysweep.core.errors import UserError
 
@@ -115,3 +116,39 @@ def start_ray(address: str | None) -> bool:
             flush=True,
         )
     return True
+
+
+def check_shared(run_dir: Path) -> None:
+    """On a cluster, every node that is up must see the run directory: trials on worker nodes
+    write their records and saved states there. A probe file written here is looked for from each
+    node (a task pinned to it); one that cannot see it stops the sweep before any trial starts.
+    (A node that joins later and cannot see it fails its trials at once, saying the same.)"""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = Path(run_dir) / f".shared-probe-{os.getpid()}"
+    probe.write_text("raysweep\n")
+    try:
+        sees = ray.remote(num_cpus=0)(_sees)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        answers = ray.get(
+            [
+                sees.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(str(probe))
+                for n in nodes
+            ],
+            timeout=120,
+        )
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, seen in zip(nodes, answers) if not seen]
+    if blind:
+        raise UserError(
+            f"{run_dir}: not on storage every node shares (node {blind[0]} cannot see it); put run "
+            "directories on a shared file system (RAYSWEEP_RUNS_DIR, or --results)"
+        )
+
+
+def _sees(path: str) -> bool:
+    return os.path.isfile(path)

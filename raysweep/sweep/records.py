@@ -41,6 +41,7 @@ class TrialRecord:
     precision: str | None = None
     node: str | None = None
     data_sha256: str | None = None  # the dataset's content the trial read (older records: none)
+    device_used_mb: float | None = None  # the whole GPU's memory in use at the end (CUDA only)
     context: dict[str, Any] = field(
         default_factory=dict
     )  # host, node_id, started_at, finished_at, resources, ...
@@ -127,7 +128,7 @@ def check_record(r: TrialRecord) -> None:
         raise ValueError(f"its validation NDCG@10 is not a number in [0, 1]: {str(r.val)[:200]}")
     if not (_count(r.best_epoch) and _count(r.epochs) and r.best_epoch <= r.epochs):
         raise ValueError(f"its epochs (best {r.best_epoch!r} of {r.epochs!r}) are not positive integers")
-    for name in ("train_seconds", "seconds_per_epoch", "peak_memory_mb"):
+    for name in ("train_seconds", "seconds_per_epoch", "peak_memory_mb", "device_used_mb"):
         value = getattr(r, name)
         if value is not None and not (
             isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf

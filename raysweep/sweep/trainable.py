@@ -20,7 +20,7 @@ from ray import tune
 
 from raysweep.core.atomic import atomic_write
 from raysweep.core.config import TrialConfig, trial_key
-from raysweep.core.errors import Diverged
+from raysweep.core.errors import UserError
 from raysweep.core.trial import run_trial
 from raysweep.sweep import faults
 from raysweep.sweep.records import TrialRecord, failed_record, finished_record
@@ -81,19 +81,32 @@ def trainable(config: dict[str, Any]) -> None:
             last_saved = time.monotonic()
         tune.report(metrics)
 
+    resources = dict(tune.get_context().get_trial_resources().required_resources)
     where = dict(
         searched=config.get("search", {}),
         node_id=ray.get_runtime_context().get_node_id(),
         host=platform.node(),
         started_at=started_at,
-        resources=dict(tune.get_context().get_trial_resources().required_resources),
+        resources=resources,
     )
     try:
-        result = run_trial(cfg, on_epoch=on_epoch, resume=resume)
-    except Diverged as exc:  # settings that cannot train: no retry would help, and it must never win
+        if not run.spec.is_file():
+            raise UserError(
+                f"{run}: the run directory is not on this node ({platform.node()}); a cluster's run "
+                "directories must be on storage every node shares (RAYSWEEP_RUNS_DIR, --results)"
+            )
+        result = run_trial(
+            cfg,
+            on_epoch=on_epoch,
+            resume=resume,
+            gpu_share=resources.get("GPU", 0.0) if ray.get_gpu_ids() else 0.0,
+        )
+    except UserError as exc:  # settings, data or a node that cannot train: no retry would help
         run.write_record(failed_record(cfg, key, stage, str(exc), **where, finished_at=time.time()))
         state_path.unlink(missing_ok=True)
-        tune.report({"epoch": exc.epoch, "best_ndcg@10": 0.0, "finished": True, "diverged": str(exc)})
+        tune.report(
+            {"epoch": getattr(exc, "epoch", 0), "best_ndcg@10": 0.0, "finished": True, "failed": str(exc)}
+        )
         return
     record = finished_record(
         result.summary(),

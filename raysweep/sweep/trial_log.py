@@ -55,14 +55,17 @@ class TrialLog(tune.Callback):
         if not self.restored_counted:  # a restored stage's ended trials never reach on_trial_complete
             self.restored_counted = True
             ended = [t for t in trials if t.status == "TERMINATED"]
-            self.failed = sum(bool((t.last_result or {}).get("diverged")) for t in ended)
+            self.failed = sum(bool((t.last_result or {}).get("failed")) for t in ended)
             self.finished = len(ended) - self.failed
         for hook in DRIVER_STEP:
             hook()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = trial_config(trial.config)
-        print(f"[raysweep] start  {cfg.dataset} {cfg.label} seed {cfg.seed} ({self.stage})", flush=True)
+        print(
+            f"[raysweep] start  {cfg.dataset} {cfg.label} seed {cfg.seed} ({self.stage}) {where(cfg, trial)}",
+            flush=True,
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         faults.driver_point("first-report")
@@ -88,10 +91,10 @@ class TrialLog(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         cfg = trial_config(trial.config)
-        if last.get("diverged"):
+        if last.get("failed"):
             self.failed += 1
             print(
-                f"[raysweep] FAILED {cfg.dataset} {cfg.label} seed {cfg.seed}: {last['diverged']}",
+                f"[raysweep] FAILED {cfg.dataset} {cfg.label} seed {cfg.seed}: {last['failed']}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -147,3 +150,12 @@ def _error_text(trial) -> str:
     return (
         path.read_text()[-4000:] if path.is_file() else str(getattr(trial, "error_msg", "") or "trial failed")
     )
+
+
+def where(cfg, trial) -> str:
+    """The device a trial trains on, as its settings and Ray's assignment decide it: a trial given
+    a GPU share trains on that GPU or fails at once (`devices.resolve_device`), never on the CPU."""
+    share = trial.placement_group_factory.required_resources.get("GPU", 0)
+    if cfg.is_bpr or cfg.device == "cpu" or (share == 0 and cfg.device == "auto"):
+        return "on the CPU" + (f" (its {share:g} GPU share unused)" if share and not cfg.is_bpr else "")
+    return f"on {share:g} of a GPU" if share else f"on {cfg.device}"

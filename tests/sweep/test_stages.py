@@ -68,7 +68,7 @@ def test_smoke_sweep_end_to_end(ray_cluster, tmp_path):
 SHARED_GPU = """
 name: shared-gpu
 datasets: [synthetic-chains]
-settings: {max_epochs: 4, patience: 4, val_users: 200, hidden: 16}
+settings: {max_epochs: 4, patience: 4, val_users: 200, hidden: 16, device: cpu}
 models:
   - {model: sasrec, loss: sampled_ce, negatives: [5, 10, 20]}
 resources: {cpus: 0.5, gpus: 0.5}
@@ -90,6 +90,28 @@ def test_fractional_gpu_trials_share_one_logical_gpu(ray_cluster, tmp_path):
         running += change
         most = max(most, running)
     assert most == 2
+
+
+def test_a_trial_given_a_gpu_runs_on_it_or_fails_at_once(ray_cluster, tmp_path, capsys):
+    """Ray hands each trial a share of the head's logical GPU: with `device: auto` it must train on
+    that GPU, never on the CPU while it holds the share; without a usable CUDA it fails at once,
+    untrained and not retried, with one line naming the cause."""
+    import torch
+
+    spec = tmp_path / "gpu.yaml"
+    spec.write_text(SHARED_GPU.replace(", device: cpu", "").replace("[5, 10, 20]", "[5]"))
+    run_dir = run_sweep(spec, results=tmp_path / "run")
+    assert "SASRec+ 5 seed 0 (seeds) on 0.5 of a GPU" in capsys.readouterr().out  # the start line
+    [record] = RunDir(run_dir).load_records()
+    if torch.cuda.is_available():  # (a machine with a CUDA GPU: the logical GPU is a real one)
+        assert record.ok and record.device.startswith("cuda")
+        return
+    assert not record.ok and record.error.startswith("this trial was given a GPU, but "), record.error
+    assert "CPU-only build" in record.error or "torch.cuda.is_available() is False" in record.error
+    assert record.context.get("attempts") is None  # failed in the trial, not retried by Tune
+    assert not (RunDir(run_dir).trial(record.key) / "history.parquet").exists()  # nothing trained
+    report = (run_dir / "report" / "table2.md").read_text()
+    assert "## Failed trials" in report and "this trial was given a GPU" in report
 
 
 RESUMABLE = """
@@ -282,3 +304,12 @@ def test_tracking_without_mlflow_is_one_line_before_any_trial(tmp_path):
         f'error: {spec}: tracking with MLflow needs the mlflow extra: pip install -e ".[mlflow]"'
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_every_node_of_the_cluster_sees_the_run_directory(ray_cluster, tmp_path):
+    """The shared-storage check asks each live node (a task pinned to it) for a probe file written
+    in the run directory: on this two-node cluster both see it, and no probe is left behind."""
+    from raysweep.sweep.cluster import check_shared
+
+    check_shared(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,9 @@
 """GRU4Rec as the paper's code builds it: one GRU layer over item embeddings, tied output.
 
 The paper passes dropout=0.1 to a one-layer nn.GRU, where PyTorch applies no dropout at
-all, so this model has none.
+all, so this model has none. The GRU itself runs in fp32 whatever autocast asks: PyTorch's
+autocast casts cuDNN RNNs to fp16 (not bf16) on CUDA, with no loss scaling here, and runs them
+in fp32 on the CPU; fp32 everywhere is one truth to record (`FP32_PARTS`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from torch import nn
 
 
 class GRU4Rec(nn.Module):
+    FP32_PARTS = "GRU in fp32"
+
     def __init__(self, num_items: int, hidden: int = 64):
         super().__init__()
         from raysweep.core.models import init_normal
@@ -25,5 +29,6 @@ class GRU4Rec(nn.Module):
         return self.item_emb.weight[: self.num_items + 1]
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.gru(self.item_emb(items))
+        with torch.autocast(items.device.type, enabled=False):
+            hidden, _ = self.gru(self.item_emb(items).float())
         return hidden
