@@ -57,6 +57,7 @@ class Paragraph:
 class Table:
     frame: pd.DataFrame
     html_id: str
+    css: str | None = None  # the HTML class: "table2" for Table 2's tables
 
 
 @dataclass
@@ -107,7 +108,7 @@ def sections(parts: Parts) -> list:
     if shown.empty:
         out.append(Paragraph("No trial has finished yet."))
     for dataset, group in shown.groupby("Dataset", sort=False):
-        out += [Heading(2, dataset), Table(group[COLUMNS], f"table2-{_slug(dataset)}")]
+        out += [Heading(2, dataset), Table(group[COLUMNS], f"table2-{_slug(dataset)}", "table2")]
     if len(shown):
         out.append(
             Paragraph(
@@ -208,7 +209,9 @@ def page(name: str, blocks: list, progress: str, live: bool) -> str:
         elif isinstance(block, Paragraph):
             out.append(f"<p>{_inline(block.text)}</p>")
         elif isinstance(block, Table):
-            out.append(block.frame.to_html(index=False, border=0, table_id=_slug(block.html_id)))
+            out.append(
+                block.frame.to_html(index=False, border=0, table_id=_slug(block.html_id), classes=block.css)
+            )
         elif isinstance(block, Items):
             out += ["<ul>", *[f"<li>{html.escape(line)}</li>" for line in block.lines], "</ul>"]
         elif isinstance(block, Figure):
