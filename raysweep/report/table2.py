@@ -87,21 +87,23 @@ def _verdict(group: pd.DataFrame, paper) -> str:
 
 
 def protocol_gap(group: pd.DataFrame) -> str:
-    """What keeps these trials from the paper's protocol, '' if nothing: an epoch cap that cut a
-    trial before its patience ran out, or a setting the paper fixes (`PROTOCOL`) set otherwise."""
+    """What keeps these trials from the paper's protocol, '' if nothing: an epoch cap below the
+    paper's that cut a trial before its patience ran out, or a setting the paper fixes
+    (`PROTOCOL`) set otherwise."""
     first = group.iloc[0]
     if first.get("model") in (None, "bpr") or first.get("dataset") not in PAPER_DATASETS:
         return ""  # (BPR-MF's budget is its searched iterations; a file of one's own has no paper)
-    gaps = []
-    if {"epochs", "best_epoch", "max_epochs", "patience"} <= set(group.columns):
-        left = group["epochs"] - group["best_epoch"]  # epochs without a gain when it ended
-        cut = (group["epochs"] >= group["max_epochs"]) & (left < group["patience"])
-        if cut.any():
-            gaps.append(f"{int(group['max_epochs'].max())}-epoch budget")
     kind = {k: first.get(k) for k in ("dataset", "model", "loss") if pd.notna(first.get(k))}
     if pd.notna(first.get("negatives")):
         kind["negatives"] = int(first["negatives"])
     paper = TrialConfig.from_dict(kind)
+    gaps = []
+    if {"epochs", "best_epoch", "max_epochs", "patience"} <= set(group.columns):
+        left = group["epochs"] - group["best_epoch"]  # epochs without a gain when it ended
+        # (a cap at the paper's own budget, 100 epochs or BERT4Rec's 200, cut the paper's runs too)
+        cut = (group["epochs"] >= group["max_epochs"]) & (left < group["patience"])
+        if (cut & (group["max_epochs"] < paper.max_epochs)).any():
+            gaps.append(f"{int(group['max_epochs'].max())}-epoch budget")
     for name in PROTOCOL:
         if name in group and set(group[name]) != {getattr(paper, name)}:
             ours = "/".join(f"{v:g}" for v in sorted(set(group[name].astype(float))))

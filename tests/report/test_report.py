@@ -421,5 +421,6 @@ def test_a_row_off_the_papers_protocol_is_not_comparable_and_says_why():
     assert verdict() == "reproduced"
     assert verdict(max_epochs=3, epochs=3, best_epoch=3) == "not comparable: 3-epoch budget"
     assert verdict(max_epochs=40) == "reproduced"  # its patience ran out as the cap came
+    assert verdict(epochs=100, best_epoch=99) == "reproduced"  # cut by the paper's own cap
     assert verdict(val_users=2000) == "not comparable: val_users 2000 (paper 10000)"
     assert verdict(**{"test_ndcg@10": 0.02}) == "below"
