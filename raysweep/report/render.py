@@ -80,7 +80,7 @@ def comparison_table(items: list[paired.Comparison]) -> pd.DataFrame:
                 "B": c.b,
                 "Metric": paired.METRICS[c.metric],
                 "A - B": f"{c.diff:+.4f}",
-                "95 % CI (users)": f"[{c.low:+.4f}, {c.high:+.4f}]",
+                "95 % CI (run: users)": f"[{c.low:+.4f}, {c.high:+.4f}]",
                 "CI half-width": f"{(c.high - c.low) / 2:.4f}",
                 "Std over seeds (A / B)": " / ".join(
                     "-" if math.isnan(s) else f"{s:.4f}" for s in (c.std_a, c.std_b)
@@ -88,6 +88,8 @@ def comparison_table(items: list[paired.Comparison]) -> pd.DataFrame:
                 "Seeds (A / B)": f"{c.seeds_a} / {c.seeds_b}",
                 "p (Wilcoxon)": f"{c.p:.2g}",
                 "p (Holm)": f"{c.p_holm:.2g}",
+                "95 % CI (method)": f"[{c.method.low:+.4f}, {c.method.high:+.4f}]" if c.method else "-",
+                "p (method, Holm)": f"{c.method.p_holm:.2g}" if c.method else "-",
             }
             for c in items
         ]
@@ -124,9 +126,16 @@ def sections(parts: Parts) -> list:
         out += [
             Heading(2, "Paired comparisons"),
             Paragraph(
-                "Per test user, A - B of the metric (a user's value is the mean over the model's seeds); "
-                "95 % paired bootstrap CI over users; two-sided Wilcoxon signed-rank test over users, "
-                "Holm-corrected over every comparison here."
+                "Two levels of evidence. *Run level*: are these trained models different? Per test "
+                "user, A - B of the metric (a user's value is the mean over the model's seeds); 95 % "
+                "paired bootstrap CI over users; two-sided Wilcoxon signed-rank test over users. With one "
+                "seed a side it speaks of two runs, not two methods: another seed can move a model by "
+                "more than this CI. *Method level*, where each side has 2 or more seeds: is method A "
+                "better than method B? A two-level bootstrap resamples seeds within each model, then the "
+                "same users for both, for the standard error; the CI is the difference ± t × SE and p "
+                "the matching t test, its degrees of freedom set by the seeds. Each level is "
+                "Holm-corrected over its own tests here; a sentence speaks at the method level where "
+                "there is one."
             ),
             Items([c.sentence() for c in parts.comparisons if c.metric == "ndcg@10"] + parts.notes),
         ]

@@ -61,7 +61,8 @@ def test_a_planted_shift_is_significant_and_two_draws_of_one_model_are_not():
         [comparisons.compare("d", "A", "B", [_draw(0)], [_draw(0, shift=3)], "ndcg@10")]
     )[0]
     assert planted.significant and planted.diff > 0 and planted.low > 0
-    assert planted.sentence().startswith("d: A beats B by +0.") and "p < 0.001 (Holm)" in planted.sentence()
+    assert planted.sentence().startswith("d: this run of A beats this run of B by +0.")
+    assert "p < 0.001 (Holm; run level only: 1 seed each)" in planted.sentence()
     same = [
         comparisons.compare("d", "A", "B", [_draw(2 * s)], [_draw(2 * s + 1)], "ndcg@10") for s in range(20)
     ]
@@ -127,7 +128,8 @@ def test_table2_sits_beside_the_paper_with_a_verdict(evidence):
     assert table.loc["BERT4Rec", "Verdict"] == "below"  # planted far below the paper's 0.0187
     text = (run_dir / "report" / "table2.md").read_text()
     assert f"(paper 0.0327, {100 * (ours / 0.0327 - 1):+.1f} %)" in text
-    assert "beauty: SASRec+ beats BERT4Rec by +0." in text and "p < 0.001 (Holm)" in text
+    assert "beauty: these 2 runs of SASRec+ beat this run of BERT4Rec by +0." in text
+    assert "p < 0.001 (Holm; run level only: 2 and 1 seeds" in text
 
 
 class _Page(HTMLParser):
@@ -187,7 +189,9 @@ def test_the_page_holds_everything_in_one_file(evidence):
     page.feed(text)
     assert page.tables["table2-beauty"] == 3  # a header and two models
     assert page.tables["comparisons"] >= 2
-    assert any(item.startswith("beauty: SASRec+ beats BERT4Rec") for item in page.items)
+    assert any(
+        item.startswith("beauty: these 2 runs of SASRec+ beat this run of BERT4Rec") for item in page.items
+    )
     assert len(page.images) == 1 and page.images[0].startswith(
         "data:image/png;base64,"
     )  # Figure 1 (no N here)
@@ -227,7 +231,7 @@ def test_the_page_renders_in_headless_chromium(evidence, tmp_path):
     ]
     page = (run_dir / "report" / "index.html").as_uri()
     dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-    assert 'id="table2-beauty"' in dom and "SASRec+ beats BERT4Rec" in dom
+    assert 'id="table2-beauty"' in dom and "SASRec+ beat this run of BERT4Rec" in dom
     shot = tmp_path / "page.png"
     subprocess.run(
         [*flags, f"--screenshot={shot}", "--window-size=1200,900", page], capture_output=True, timeout=120
@@ -424,3 +428,67 @@ def test_a_row_off_the_papers_protocol_is_not_comparable_and_says_why():
     assert verdict(epochs=100, best_epoch=99) == "reproduced"  # cut by the paper's own cap
     assert verdict(val_users=2000) == "not comparable: val_users 2000 (paper 10000)"
     assert verdict(**{"test_ndcg@10": 0.02}) == "below"
+
+
+def _runs_of(method_shift: int, seed_shifts: list[int], users: np.ndarray, rng) -> list[np.ndarray]:
+    """One rank array per seed: each user's own difficulty, the method's and the seed's shift of
+    every rank, and a little noise per user and seed."""
+    return [
+        np.clip(users + method_shift + shift + rng.integers(0, 3, len(users)), 0, 5000)
+        for shift in seed_shifts
+    ]
+
+
+def test_seed_noise_above_the_effect_is_significant_between_runs_but_not_between_methods():
+    """A planted method effect of 1 rank, seeds that move a model by up to 6 ranks: these runs
+    differ (run level, p < 0.001), but the methods are not shown to (method level: CI holds 0)."""
+    rng = np.random.default_rng(3)
+    users = rng.geometric(0.08, 3000) - 1
+    a = _runs_of(0, [-6, 0, 5], users, rng)
+    b = _runs_of(1, [4, -5, 6], users, rng)
+    [c] = comparisons.holm_corrected([comparisons.compare("d", "A", "B", a, b, "ndcg@10")])
+    assert c.p_holm < 0.001  # the run-level test: these six trained models differ
+    assert c.method is not None and c.method.low < 0 < c.method.high  # the methods: not shown
+    assert not c.significant and "method level, 3 and 3 seeds" in c.sentence()
+    assert "no significant difference" in c.sentence()
+
+
+def test_an_effect_well_above_the_seed_noise_is_significant_at_both_levels():
+    rng = np.random.default_rng(4)
+    users = rng.geometric(0.08, 3000) - 1
+    a = _runs_of(0, [0, 1, -1], users, rng)
+    b = _runs_of(12, [1, 0, -1], users, rng)
+    [c] = comparisons.holm_corrected([comparisons.compare("d", "A", "B", a, b, "ndcg@10")])
+    assert c.p_holm < 0.001 and c.method.p_holm < 0.05 and c.method.low > 0 and c.significant
+    assert (
+        c.sentence().startswith("d: A beats B by +0.")
+        and "(Holm; method level, 3 and 3 seeds)" in c.sentence()
+    )
+
+
+def test_one_seed_a_side_speaks_of_runs_only():
+    [c] = comparisons.holm_corrected(
+        [comparisons.compare("d", "A", "B", [_draw(0)], [_draw(0, shift=3)], "ndcg@10")]
+    )
+    assert c.method is None
+    assert c.sentence().startswith("d: this run of A beats this run of B by +0.")
+    assert c.sentence().endswith("(Holm; run level only: 1 seed each)")
+
+
+def test_the_method_level_ci_covers_the_true_difference_in_about_95_percent_of_simulations():
+    """300 simulated comparisons of 3 seeds a side: per-user values = the user's own level + the
+    method's + the seed's (its spread about the size of the planted difference) + noise. The
+    t interval on the two-level bootstrap's standard error covers the true difference in about
+    95 % of them (a percentile interval over 3 seeds covers far less)."""
+    rng = np.random.default_rng(5)
+    covered = []
+    for draw in range(300):
+        level = rng.normal(0.3, 0.1, 400)
+
+        def model(mean: float) -> np.ndarray:
+            seeds = rng.normal(mean, 0.01, (3, 1))
+            return level + seeds + rng.normal(0, 0.05, (3, 400))
+
+        m = comparisons.method_level(model(0.02), model(0.0), seed=draw, resamples=500)
+        covered.append(m.low <= 0.02 <= m.high)
+    assert 0.91 <= np.mean(covered) <= 0.99, np.mean(covered)
