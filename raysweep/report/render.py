@@ -126,11 +126,11 @@ def sections(parts: Parts) -> list:
         out += [
             Heading(2, "Paired comparisons"),
             Paragraph(
-                "Two levels of evidence. *Run level*: are these trained models different? Per test "
+                "Two levels of evidence. **Run level**: are these trained models different? Per test "
                 "user, A - B of the metric (a user's value is the mean over the model's seeds); 95 % "
                 "paired bootstrap CI over users; two-sided Wilcoxon signed-rank test over users. With one "
                 "seed a side it speaks of two runs, not two methods: another seed can move a model by "
-                "more than this CI. *Method level*, where each side has 2 or more seeds: is method A "
+                "more than this CI. **Method level**, where each side has 2 or more seeds: is method A "
                 "better than method B? A two-level bootstrap resamples seeds within each model, then the "
                 "same users for both, for the standard error; the CI is the difference ± t × SE and p "
                 "the matching t test, its degrees of freedom set by the seeds. Each level is "
