@@ -189,7 +189,8 @@ def read_spec(path: Path) -> SweepSpec:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # (a reader error spans lines)
+        raise UserError(f"{where}{line}: not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{where}: a sweep file is a YAML mapping (name, datasets, models, ...)")
     if _count_values(raw) > MAX_VALUES:

@@ -1,7 +1,7 @@
 """Property-based: any sweep file or data file either loads or gives the one-line error."""
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from raysweep.core import data
@@ -199,6 +199,7 @@ def test_any_search_space_loads_only_if_every_value_it_can_draw_is_valid(tmp_pat
     ),
     st.binary(max_size=300),
 )
+@example("spec.yaml", b"\x00")  # (YAML's reader error for a control character spans two lines)
 def test_the_report_of_any_damaged_run_directory_works_or_is_one_line(tmp_path_factory, damaged, blob):
     """One file of a finished run directory replaced by arbitrary bytes: the report is written,
     or refused in one line naming a file (a bad ranks file only skips its comparisons)."""
