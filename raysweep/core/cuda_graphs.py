@@ -193,9 +193,9 @@ def graphed_step(
                 optimizer.zero_grad(set_to_none=True)
             try:
                 with torch.cuda.graph(graph, pool=pool):
-                    if (
-                        not first
-                    ):  # the gradients exist: backward would add to them, so zero them in the graph
+                    # Later graphs: the gradients exist and backward would add to them, so each
+                    # graph zeroes them itself, in place.
+                    if not first:
                         optimizer.zero_grad(set_to_none=False)
                     with autocast():
                         loss = fixed_loss(buffers)
