@@ -17,10 +17,11 @@ from typing import Any
 import pandas as pd
 
 from raysweep.core.atomic import atomic_write
+from raysweep.core.config import BUDGET, PAPER_BUDGET, TrialConfig
 from raysweep.report import comparisons as paired
 from raysweep.report.figures import figure1, figure2
 from raysweep.report.paper import CLAIMS
-from raysweep.report.table2 import COLUMNS, PROTOCOL, TOLERANCE, formatted, table2, trusted
+from raysweep.report.table2 import COLUMNS, MIN_SEEDS, PROTOCOL, TOLERANCE, formatted, table2, trusted
 from raysweep.sweep.records import missing_trials
 from raysweep.sweep.rundir import RunDir
 from raysweep.sweep.spec import read_spec
@@ -30,6 +31,7 @@ from raysweep.sweep.spec import read_spec
 class Parts:
     """Everything a report holds, built before any file is replaced."""
 
+    header: list[str]  # the sweep: what it is, and its budget beside the paper's
     table: pd.DataFrame
     comparisons: list[paired.Comparison]
     notes: list[str]  # comparisons that could not be made, and why
@@ -96,9 +98,51 @@ def comparison_table(items: list[paired.Comparison]) -> pd.DataFrame:
     )
 
 
+BUDGET_KEYS = ("max_epochs", "patience", "val_users")
+
+
+def _settings(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in settings.items())
+
+
+def sweep_header(run: RunDir, ok: pd.DataFrame, plan: dict[str, Any] | None) -> list[str]:
+    """What the sweep is and what it spent: its description, its budget beside the paper's
+    protocol, its seeds, its resources per trial, and its trials planned and finished."""
+    if not run.spec.is_file():
+        return []
+    spec = read_spec(run.spec)
+    budget = {k: v for k, v in spec.settings.items() if k in BUDGET_KEYS}
+    per_model = [
+        f"{m.model}{' ' + m.loss if m.loss else ''}: {_settings(b)}"
+        for m in spec.models
+        if (b := {k: v for k, v in m.settings.items() if k in BUDGET_KEYS})
+    ]
+    paper = (
+        f"the paper's protocol: up to {BUDGET['max_epochs']} epochs with patience {BUDGET['patience']}, "
+        f"BERT4Rec {PAPER_BUDGET['bert4rec']['max_epochs']} with patience "
+        f"{PAPER_BUDGET['bert4rec']['patience']}, {TrialConfig.model_fields['val_users'].default:,} "
+        "validation users"
+    )
+    said = _settings(budget) if budget else "the paper's budget"
+    if per_model:
+        said += "; per model " + "; ".join(per_model)
+    planned = sum(len(stage.get("trials", [])) for stage in (plan or {}).get("stages", {}).values())
+    finished = int((ok["status"] == "ok").sum()) if len(ok) else 0
+    hours = float(ok["train_seconds"].sum()) / 3600 if len(ok) and "train_seconds" in ok else 0.0
+    resources = f"{spec.resources.cpus:g} CPU and {spec.resources.gpus:g} GPU per trial"
+    lines = [f"**Sweep `{spec.name}`**" + (f": {spec.description.strip()}" if spec.description else "")]
+    count = f"{finished} of {planned} planned trials finished" if planned else f"{finished} trials finished"
+    lines.append(
+        f"**Budget**: {said} ({paper}). Seeds {', '.join(map(str, spec.seeds))}; {resources}; {count}, "
+        f"{hours:.1f} hours of training in all."
+    )
+    return lines
+
+
 def sections(parts: Parts) -> list:
     """The report, top to bottom."""
-    out: list = [Heading(1, "Table 2: test metrics (full ranking, seen items removed)")]
+    out: list = [Paragraph(line) for line in parts.header]
+    out.append(Heading(1, "Table 2: test metrics (full ranking, seen items removed)"))
     if parts.state != "complete":
         out.append(
             Paragraph(
@@ -115,8 +159,12 @@ def sections(parts: Parts) -> list:
         out.append(
             Paragraph(
                 "Each cell: ours (mean ± std over seeds), then the paper's value and our difference from it. "
-                f"Verdict: HR@10 and NDCG@10 within {TOLERANCE:.0%} of the paper, or the paper inside our "
-                'seeds\' range, is "reproduced"; else above or below it. Trials that did not run the '
+                f"**Verdict**, from HR@10 and NDCG@10: with {MIN_SEEDS} or more seeds a metric agrees when "
+                "the paper's value lies inside our 95 % t interval of the mean over seeds, or within "
+                f'{TOLERANCE:.0%} of our mean; both agree: "reproduced", else "above" or "below" the '
+                f'paper ("mixed" when they part). With fewer seeds the interval means little, so only the '
+                f'{TOLERANCE:.0%} band judges and the verdict says how many seeds it rests on ("1 seed: '
+                f'within {TOLERANCE:.0%}"). Trials that did not run the '
                 "paper's protocol (an epoch cap that stopped them before their patience ran out, or a "
                 f'setting the paper fixes, {", ".join(PROTOCOL)}, set otherwise) are "not comparable": '
                 "the verdict says what differs, and their numbers say nothing about the paper's."
@@ -218,9 +266,10 @@ def page(name: str, blocks: list, progress: str, live: bool) -> str:
         elif isinstance(block, Paragraph):
             out.append(f"<p>{_inline(block.text)}</p>")
         elif isinstance(block, Table):
-            out.append(
-                block.frame.to_html(index=False, border=0, table_id=_slug(block.html_id), classes=block.css)
+            table = block.frame.to_html(
+                index=False, border=0, table_id=_slug(block.html_id), classes=block.css
             )
+            out.append(table.replace(" %", "&nbsp;%"))  # a cell's "-22.7 %" never breaks before its %
         elif isinstance(block, Items):
             out += ["<ul>", *[f"<li>{html.escape(line)}</li>" for line in block.lines], "</ul>"]
         elif isinstance(block, Figure):
@@ -280,6 +329,7 @@ def build(run: RunDir, cache: dict | None = None) -> tuple[Parts, pd.DataFrame]:
     items, notes = paired.compare_models(run, ok, sweep_pairs(run), cache)
     failed = ok[ok["status"] == "failed"] if len(ok) else ok
     parts = Parts(
+        sweep_header(run, ok, plan),
         table2(ok),
         items,
         notes,

@@ -1,8 +1,7 @@
 """The paper's Table 2 from a run's results: per dataset and model, each metric's mean and std over
-seeds beside the paper's value, and a verdict ("reproduced": HR@10 and NDCG@10 within 5 % of the
-paper or inside our seeds' range; else "above" / "below"; "not comparable: ..." where the trials
-did not run the paper's protocol). Only the seeds stage enters it, and
-only rows a report may believe (`trusted`).
+seeds beside the paper's value, and a verdict that knows its noise (`_verdict`; "not comparable:
+..." where the trials did not run the paper's protocol). Only the seeds stage enters it, and only
+rows a report may believe (`trusted`).
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import re
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from raysweep.core.config import PAPER_DATASETS, TrialConfig
 from raysweep.report.paper import paper_row
@@ -24,7 +24,8 @@ METRICS = [
     ("test_ndcg@100", "NDCG@100", "ndcg100"),
 ]
 OTHERS = [("train_seconds", "Training time (s)", "seconds"), ("best_epoch", "Best epoch", "best_epoch")]
-TOLERANCE = 0.05  # "reproduced": within 5 % of the paper
+TOLERANCE = 0.05  # "reproduced": within 5 % of the paper (or the paper inside our interval)
+MIN_SEEDS = 3  # fewer seeds: the verdict names its seed count and only the 5 % band judges
 # The settings the paper fixes that move its numbers; a row that differs in one is not its row.
 PROTOCOL = ("hidden", "max_len", "val_users", "patience")
 
@@ -73,17 +74,35 @@ def table2_rows(results: pd.DataFrame) -> pd.DataFrame:
     return ok[(ok["status"] == "ok") & ok["in_table2"].astype(bool)]
 
 
+def seeds_interval(values: pd.Series) -> tuple[float, float]:
+    """The 95 % t interval of the mean over seeds (nan with fewer than 2)."""
+    if len(values) < 2:
+        return (math.nan, math.nan)
+    sem = values.std() / math.sqrt(len(values))
+    if sem == 0:
+        return (values.mean(), values.mean())
+    return tuple(stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sem))
+
+
 def _verdict(group: pd.DataFrame, paper) -> str:
-    """reproduced / above / below / mixed, from HR@10 and NDCG@10 against the paper."""
+    """From HR@10 and NDCG@10 against the paper. With MIN_SEEDS or more seeds a metric agrees when
+    the paper's value lies inside our 95 % interval of the mean or within 5 % of the mean, and
+    the verdict is reproduced / above / below / mixed; with fewer seeds the interval is too wide
+    to mean anything, so only the 5 % band judges and the verdict names its seed count."""
+    seeds = len(group)
     off = []
     for column, key in (("test_hr@10", "hr10"), ("test_ndcg@10", "ndcg10")):
         ours, theirs = group[column].astype(float), getattr(paper, key)
-        inside = len(ours) > 1 and ours.min() <= theirs <= ours.max()
-        if abs(ours.mean() / theirs - 1) > TOLERANCE and not inside:
+        low, high = seeds_interval(ours) if seeds >= MIN_SEEDS else (math.nan, math.nan)
+        if abs(ours.mean() / theirs - 1) > TOLERANCE and not low <= theirs <= high:
             off.append(np.sign(ours.mean() - theirs))
     if not off:
-        return "reproduced"
-    return {1.0: "above", -1.0: "below"}.get(off[0], "mixed") if len(set(off)) == 1 else "mixed"
+        word = "reproduced" if seeds >= MIN_SEEDS else f"within {TOLERANCE:.0%}"
+    elif len(set(off)) == 1:
+        word = {1.0: "above", -1.0: "below"}[off[0]]
+    else:
+        word = "mixed"
+    return word if seeds >= MIN_SEEDS else f"{seeds} seed{'s' * (seeds > 1)}: {word}"
 
 
 def protocol_gap(group: pd.DataFrame) -> str:
@@ -144,9 +163,20 @@ def table2(results: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def _spread(std: float, digits: int) -> str:
+    """' ± std', with a spread too small for the digits shown said as such, not as ± 0.0000."""
+    if math.isnan(std):
+        return ""
+    if std < 1e-12:
+        return " ± 0"
+    if round(std, digits) == 0:
+        return f" ± <{10**-digits:.{digits}f}"
+    return f" ± {std:.{digits}f}"
+
+
 def _cell(row: pd.Series, name: str, digits: int) -> str:
     mean, std, theirs = row[name], row[f"{name} std"], row[f"{name} paper"]
-    text = f"{mean:.{digits}f}" + ("" if math.isnan(std) or std == 0 else f" ± {std:.{digits}f}")
+    text = f"{mean:.{digits}f}" + _spread(std, digits)
     if math.isnan(theirs):
         return text
     if f"{name} diff %" in row:

@@ -85,6 +85,8 @@ def test_trial_that_keeps_failing_is_recorded_and_the_sweep_completes(ray_cluste
         and "SASRec+ seed 0 (seeds): RuntimeError: injected failure at epoch 2" in report
     )
     assert "| GRU4Rec |" in report
+    assert report.startswith("**Sweep `failing`**\n\n**Budget**: max_epochs 3, val_users 200 (the paper's ")
+    assert "Seeds 0; 1 CPU and 0 GPU per trial; 1 of 2 planned trials finished" in report
     # --resume runs the failed trial again (its failed record is not taken as finished) and
     # records the same failure once; the finished trial is not run again.
     failed_key = results.loc["SASRec+", "key"]
