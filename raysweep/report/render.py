@@ -126,14 +126,23 @@ def sweep_header(run: RunDir, ok: pd.DataFrame, plan: dict[str, Any] | None) -> 
     said = _settings(budget) if budget else "the paper's budget"
     if per_model:
         said += "; per model " + "; ".join(per_model)
-    planned = sum(len(stage.get("trials", [])) for stage in (plan or {}).get("stages", {}).values())
+    planned = sum(  # a search stage plans its samples; its trials are named as they come
+        stage.get("samples", 0) if stage.get("kind") == "search" else len(stage.get("trials", []))
+        for stage in (plan or {}).get("stages", {}).values()
+    )
     finished = int((ok["status"] == "ok").sum()) if len(ok) else 0
     hours = float(ok["train_seconds"].sum()) / 3600 if len(ok) and "train_seconds" in ok else 0.0
     resources = f"{spec.resources.cpus:g} CPU and {spec.resources.gpus:g} GPU per trial"
     lines = [f"**Sweep `{spec.name}`**" + (f": {spec.description.strip()}" if spec.description else "")]
+    seeds = ", ".join(map(str, spec.seeds))
+    own = [
+        f"{m.model} {', '.join(map(str, m.seeds))}" for m in spec.models if m.seeds and m.seeds != spec.seeds
+    ]
+    if own:
+        seeds += " (" + "; ".join(own) + ")"
     count = f"{finished} of {planned} planned trials finished" if planned else f"{finished} trials finished"
     lines.append(
-        f"**Budget**: {said} ({paper}). Seeds {', '.join(map(str, spec.seeds))}; {resources}; {count}, "
+        f"**Budget**: {said} ({paper}). Seeds {seeds}; {resources}; {count}, "
         f"{hours:.1f} hours of training in all."
     )
     return lines
