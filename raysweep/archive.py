@@ -11,17 +11,23 @@ from pathlib import Path
 from raysweep.core.errors import cli
 from raysweep.sweep.archive import pack, unpack
 
+RUN_DIR = "a run directory (runs/NAME in the current folder, or $RAYSWEEP_RUNS_DIR/NAME, by default)"
+
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raysweep.archive", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m raysweep.archive", description=" ".join(__doc__.split()))
     commands = parser.add_subparsers(dest="command", required=True)
     packing = commands.add_parser("pack", help="write a run directory's trials to one Parquet file")
-    packing.add_argument("run_dir", type=Path)
-    packing.add_argument("file", type=Path)
+    packing.add_argument("run_dir", type=Path, help=RUN_DIR)
+    packing.add_argument(
+        "file", type=Path, help="the archive to write (.parquet); replaced whole, never half-written"
+    )
     unpacking = commands.add_parser("unpack", help="add an archive's trials to a run directory")
-    unpacking.add_argument("file", type=Path)
-    unpacking.add_argument("run_dir", type=Path)
+    unpacking.add_argument(
+        "file", type=Path, help="an archive written by pack (checked before anything is written)"
+    )
+    unpacking.add_argument("run_dir", type=Path, help=RUN_DIR + "; trials already there are kept")
     args = parser.parse_args(argv)
     if args.command == "pack":
         print(f"packed {pack(args.run_dir, args.file)} trials of {args.run_dir} into {args.file}")

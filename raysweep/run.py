@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from raysweep.core.config import dataset_tag
+from raysweep.core.data import download_note, is_available
 from raysweep.core.errors import cli
 from raysweep.sweep import cluster, stages
 from raysweep.sweep.interrupts import Interrupted, Stop
@@ -63,11 +64,17 @@ def run_sweep(
     if resume:  # every record, and the plan, must be readable before Ray starts
         run.load_records()
         previous = run.read_plan()
-    hashes = stages.check_trials(trials, where, local)
+    # A dry run downloads nothing: it checks the trials whose data is here, names the rest.
+    absent = (
+        sorted({t.config.dataset for t in trials if not is_available(t.config.dataset)}) if dry_run else []
+    )
+    hashes = stages.check_trials([t for t in trials if t.config.dataset not in absent], where, local)
     stages.check_same_data(previous, hashes, run)
     if dry_run:
         print(f"sweep {spec.name}: results in {run}")
-        print(stages.trial_table(trials, spec.resources.gpus, spec.resources.cpus))
+        print(stages.trial_table(spec, trials))
+        for name in absent:
+            print(f"not on this machine yet: {name} (a run {download_note(name)}; its trials are unchecked)")
         return run.path
     cluster.check_address(address or os.environ.get("RAY_ADDRESS"))
     # 2. Take the run directory, write the plan, start (or join) Ray.

@@ -53,6 +53,7 @@ class Dataset:
     bundled: bool = False
     generate: Callable[[], pd.DataFrame] | None = None  # synthetic data, made on first use
     path: Path | None = None  # a user's own file in the same format (read as is, not cached)
+    download_mb: float | None = None  # the upstream file's size, where known
 
 
 def _synthetic(name: str) -> Callable[[], pd.DataFrame]:
@@ -67,7 +68,13 @@ def _synthetic(name: str) -> Callable[[], pd.DataFrame]:
 REGISTRY: dict[str, Dataset] = {
     d.name: d
     for d in [
-        Dataset("ml-1m", "ml-1m.txt", "9ab8e3edb8742f8d8cc4911e3dee25e82a6fcc24", url=UPSTREAM + "ml-1m.txt"),
+        Dataset(
+            "ml-1m",
+            "ml-1m.txt",
+            "9ab8e3edb8742f8d8cc4911e3dee25e82a6fcc24",
+            url=UPSTREAM + "ml-1m.txt",
+            download_mb=9.1,
+        ),
         Dataset(
             "ml-20m",
             "ml-20m.txt.zip",
@@ -86,6 +93,7 @@ REGISTRY: dict[str, Dataset] = {
             "16718a33ebdb33504f257421b18ae8bf3ddfe327",
             url=UPSTREAM + "beauty.txt",
             bundled=True,
+            download_mb=3.9,
         ),
         Dataset(
             "yelp",
@@ -155,6 +163,37 @@ def _verify(ds: Dataset, data: bytes, where: str) -> None:
         )
 
 
+def is_available(name: str, data_dir: Path | None = None, mirror: Path | None = None) -> bool:
+    """Whether the dataset can be read without a download: generated, bundled, a file of one's
+    own, already in the data cache, or in the mirror."""
+    ds = get_dataset(name)
+    if ds.generate is not None or ds.path is not None or ds.bundled:
+        return True
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    mirror = mirror if mirror is not None else default_mirror()
+    here = data_dir / ds.name
+    if (here / f"interactions.v{CACHE_VERSION}.parquet").is_file() or (here / ds.filename).is_file():
+        return True
+    return mirror is not None and _find_in_mirror(ds, mirror) is not None
+
+
+def download_note(name: str) -> str:
+    """What obtaining a dataset that is not here costs, in a few words."""
+    ds = get_dataset(name)
+    size = f"{ds.download_mb:g} MB" if ds.download_mb else "size not recorded"
+    return f"downloads {ds.filename} ({size}) from the paper's repository on first use"
+
+
+def ways_out(name: str, data_dir: Path) -> str:
+    """Where a dataset that is not on this machine can come from."""
+    ds = get_dataset(name)
+    return (
+        f"set RAYSWEEP_MIRROR to a folder holding {ds.filename}, or run `python -m raysweep.data fetch "
+        f"{ds.name}` on a connected machine and copy its {ds.name}/ folder into {data_dir}, or leave the "
+        "dataset out (raysweep.run's --datasets, for example --datasets beauty)"
+    )
+
+
 def _download(url: str, where: str) -> bytes:
     print(f"raysweep: downloading {url}", file=sys.stderr)
     try:
@@ -200,7 +239,10 @@ def _raw_text(ds: Dataset, data_dir: Path, mirror: Path | None) -> tuple[bytes, 
     else:
         if ds.url is None:
             raise UserError(f"dataset {ds.name!r} has no download source and no local copy in {data_dir}")
-        data = _download(ds.url, f"dataset {ds.name!r}")
+        try:
+            data = _download(ds.url, f"dataset {ds.name!r}")
+        except UserError as exc:
+            raise UserError(f"{exc}; it is not on this machine: {ways_out(ds.name, data_dir)}") from None
         _verify(ds, data, ds.url)
         atomic_write(local, lambda tmp: tmp.write_bytes(data))
         source = ds.url

@@ -60,17 +60,33 @@ def check_same_data(plan: dict[str, Any] | None, hashes: dict[str, str], run: Ru
             )
 
 
-def trial_table(trials: list[Trial], gpus: float, cpus: float) -> str:
-    lines = [f"{'stage':<24} {'dataset':<18} {'model':<24} {'seed':>4}  resources  key"]
+def trial_table(spec: SweepSpec, trials: list[Trial]) -> str:
+    """The dry run's plan: one row per trial, a search stage's row saying how many samples it
+    draws and which seeds its best setting then runs with; columns as wide as their values."""
+    rows, samples, best = [], 0, 0
     for t in trials:
-        gpu = 0.0 if t.config.is_bpr else gpus
-        lines.append(
-            f"{t.stage:<24} {t.config.dataset:<18} {t.config.label:<24} {t.config.seed:>4}  "
-            f"{cpus:g} CPU {gpu:g} GPU  {t.key}"
+        gpu = 0.0 if t.config.is_bpr else spec.resources.gpus
+        seeds = str(t.config.seed)
+        if t.stage != "seeds":
+            index = int(t.stage.rsplit("-", 1)[1])
+            chosen = entry_seeds(spec, index)
+            samples += spec.models[index].search.samples
+            best += len(chosen)
+            seeds = f"{spec.models[index].search.samples} samples, then seeds {', '.join(map(str, chosen))}"
+        resources = f"{spec.resources.cpus:g} CPU {gpu:g} GPU"
+        rows.append((t.stage, t.config.dataset, t.config.label, seeds, resources, t.key))
+    header = ("stage", "dataset", "model", "seeds", "resources", "key")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    searches = sum(t.stage != "seeds" for t in trials)
+    plain = len(trials) - searches
+    summary = f"{plain + samples + best} trials at most: {plain} in the seeds stage"
+    if searches:
+        summary += (
+            f", {samples} search samples in {searches} searches, then {best} runs of the best settings "
+            "(a seed the best sample already ran is not run again)"
         )
-    searches = {t.stage for t in trials if t.stage != "seeds"}
-    lines.append(f"{len(trials)} trials ({len(searches)} search stages, each sampling more)")
-    return "\n".join(lines)
+    return "\n".join([*lines, summary])
 
 
 class _TuneAdvice(logging.Filter):

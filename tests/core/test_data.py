@@ -38,7 +38,8 @@ def test_stats_command_prints_table1(ml1m):
         text=True,
         check=True,
     ).stdout
-    assert "999611" in out and "353962" in out and "165.49" in out and "8.79" in out
+    assert "999,611 (999,611)" in out and "353,962 (353,962)" in out  # ours (the paper's)
+    assert "165.49 (165.49)" in out and "8.79 (8.79)" in out
 
 
 def test_git_blob_id_matches_git(tmp_path):
@@ -165,3 +166,42 @@ def test_cli_bad_input_exits_2(tmp_path):
         f"error: {tmp_path / 'mine.txt'}, line 2: expected 'user_id item_id' "
         "(two positive integers below 10^18 separated by one space), got '1 1e30'"
     ]
+
+
+def _offline(tmp_path) -> dict:
+    """A machine without network and without data: an empty cache, no mirror, and a proxy on a
+    closed local port, so a download fails at once (as with no route)."""
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k != "RAYSWEEP_MIRROR"}
+    return env | {"RAYSWEEP_DATA_DIR": str(tmp_path / "cache"), "https_proxy": closed, "HTTPS_PROXY": closed}
+
+
+def test_offline_a_missing_dataset_names_the_ways_out_and_stats_prints_the_rest(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "raysweep.data", "stats", "ml-1m", "beauty"],
+        capture_output=True, text=True, env=_offline(tmp_path), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "beauty" in result.stdout and "353,962 (353,962)" in result.stdout  # bundled: printed
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: dataset 'ml-1m': download of ") and " failed (" in error
+    assert "it is not on this machine: set RAYSWEEP_MIRROR to a folder holding ml-1m.txt" in error
+    assert "`python -m raysweep.data fetch ml-1m` on a connected machine" in error
+    assert "--datasets beauty" in error
+    assert not (tmp_path / "cache" / "ml-1m" / "ml-1m.txt").exists()
+
+
+def test_availability_without_a_download(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAYSWEEP_MIRROR", raising=False)
+    cache, mirror = tmp_path / "cache", tmp_path / "mirror"
+    assert data.is_available("beauty", cache, None) and data.is_available("synthetic-chains", cache, None)
+    assert not data.is_available("ml-1m", cache, None)
+    (mirror / "ml-1m").mkdir(parents=True)
+    (mirror / "ml-1m" / "ml-1m.txt.gz").write_bytes(b"")
+    assert data.is_available("ml-1m", cache, mirror)
+    assert "ml-1m.txt (9.1 MB)" in data.download_note("ml-1m")

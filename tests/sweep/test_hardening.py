@@ -364,3 +364,46 @@ run.run_sweep({str(spec)!r}, results={str(tmp_path / "run")!r})
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ray not yet imported", out.stdout + out.stderr
+
+
+def test_a_dry_run_downloads_nothing_and_names_what_is_not_here(tmp_path):
+    from test_data import _offline  # (tests/core is on the path: pytest's rootdir-relative imports)
+
+    path = _sweep(tmp_path, GOOD.replace("[synthetic-chains]", "[synthetic-chains, ml-1m]"))
+    result = subprocess.run(
+        [sys.executable, "-m", "raysweep.run", str(path), "--dry-run", "--results", str(tmp_path / "r")],
+        capture_output=True, text=True, env=_offline(tmp_path), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "downloading" not in result.stderr and not (tmp_path / "cache" / "ml-1m").exists()
+    assert result.stdout.strip().splitlines()[-1] == (
+        "not on this machine yet: ml-1m (a run downloads ml-1m.txt (9.1 MB) from the paper's repository "
+        "on first use; its trials are unchecked)"
+    )
+
+
+def test_the_dry_run_table_counts_search_samples_and_aligns_a_path_dataset(tmp_path):
+    own = tmp_path / "a-long-folder-name" / "mine.txt"
+    own.parent.mkdir()
+    own.write_text("".join(f"{u} {i}\n" for u in range(1, 40) for i in range(1, 12)))
+    spec = f"""
+name: t
+datasets: [synthetic-chains, {own}]
+seeds: [0]
+settings: {{max_epochs: 1, val_users: 20, hidden: 16}}
+models:
+  - {{model: sasrec, loss: ce}}
+  - model: bpr
+    seeds: [0, 1, 2]
+    search: {{samples: 4, space: {{factors: {{choice: [8, 16]}}}}}}
+"""
+    result = _cli("raysweep.run", _sweep(tmp_path, spec), "--dry-run", "--results", tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.strip().splitlines()[1:-1]
+    assert len({line.index("GPU") for line in table[1:]}) == 1  # one column, whatever the dataset's length
+    assert sum("4 samples, then seeds 0, 1, 2" in line for line in table) == 2
+    assert (
+        result.stdout.strip()
+        .splitlines()[-1]
+        .startswith("16 trials at most: 2 in the seeds stage, 8 search samples in 2 searches, then 6 runs")
+    )
