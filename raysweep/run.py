@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -42,10 +43,11 @@ def run_sweep(
     results: Path | None = None,
     mlflow: bool = False,
     datasets: list[str] | None = None,
+    verbose: bool = False,
 ) -> Path:
     """Run (or resume) a sweep, on `datasets` of its datasets if given; returns its run
     directory. Raises `Interrupted` after a signal, once what finished is saved and reported.
-    `mlflow`: track it with MLflow (`tracking`)."""
+    `mlflow`: track it with MLflow (`tracking`). `verbose`: the libraries' own log lines too."""
     # 1. Read and check everything before anything is started or written.
     spec_path, where = Path(spec_path), str(spec_path)
     spec = restricted(load_spec(spec_path), datasets, where)
@@ -87,7 +89,9 @@ def run_sweep(
         if spec.description:
             print(f"[raysweep] {spec.name}: {spec.description.strip()}", flush=True)
         try:
-            local = cluster.start_ray(address)
+            if not verbose:
+                quiet_logs()
+            local = cluster.start_ray(address, verbose)
             if not local:  # trials on other nodes write their records into the run directory
                 cluster.check_shared(run.path)
         except BaseException:
@@ -109,6 +113,25 @@ def run_sweep(
             raise
     finish(spec, run)
     return run.path
+
+
+# Libraries' own lines that a normal run leaves out (--verbose shows them): Ray's and Tune's
+# notices (the token-authentication warning, result-file writes), Optuna's "new study" lines,
+# MLflow's and its database migrations' INFO lines. Errors still show.
+QUIET = {
+    "ray": logging.ERROR,
+    "optuna": logging.WARNING,
+    "mlflow": logging.WARNING,
+    "alembic": logging.WARNING,
+}
+
+
+def quiet_logs() -> None:
+    import optuna  # (Optuna sets its own level when it first logs: set it through Optuna)
+
+    optuna.logging.set_verbosity(QUIET["optuna"])
+    for name, level in QUIET.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager
@@ -175,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "--mlflow", action="store_true", help="track every trial with MLflow (tracking: mlflow)"
     )
     parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's, Tune's, Optuna's and MLflow's own log lines too"
+    )
+    parser.add_argument(
         "--datasets",
         nargs="+",
         default=None,
@@ -184,7 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_dir = run_sweep(
-            args.sweep, args.address, args.resume, args.dry_run, args.results, args.mlflow, args.datasets
+            args.sweep,
+            args.address,
+            args.resume,
+            args.dry_run,
+            args.results,
+            args.mlflow,
+            args.datasets,
+            args.verbose,
         )
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT

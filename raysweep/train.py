@@ -21,6 +21,7 @@ from raysweep.core.atomic import check_output_path
 from raysweep.core.config import TrialConfig
 from raysweep.core.errors import UserError, cli
 from raysweep.core.outputs import write_result
+from raysweep.core.progress import StepBar
 from raysweep.core.trainer import EpochReport
 from raysweep.core.trial import run_trial
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         f"raysweep: {cfg.label} on {cfg.dataset} (seed {cfg.seed}, L={cfg.max_len}, d={cfg.hidden})",
         flush=True,
     )
-    result = run_trial(cfg, on_epoch=lambda report, _: progress(report))
+    bar = StepBar() if sys.stderr.isatty() else None  # a log file gets the epochs' lines only
+    result = run_trial(cfg, on_epoch=lambda report, _: progress(report), on_step=bar)
     test = result.test
     print(
         f"test: HR@10 {test['hr@10']:.4f}  HR@100 {test['hr@100']:.4f}  NDCG@10 {test['ndcg@10']:.4f}  "

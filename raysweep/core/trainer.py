@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +111,7 @@ def make_optimizer(model: nn.Module, cfg: TrialConfig, device: torch.device) -> 
 
 
 Step = Callable[[np.ndarray], "torch.Tensor | None"]
+StepHook = Callable[[int, int], None]  # (steps done in the epoch, steps in the epoch)
 
 
 def make_step(
@@ -157,13 +158,18 @@ def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[begin : begin + batch_size] for begin in range(0, len(order), batch_size)]
 
 
-def train_steps(step: Step, batches: Iterable[np.ndarray], device: torch.device) -> torch.Tensor:
-    """`step` on each batch; the summed loss stays on the device (no sync)."""
+def train_steps(
+    step: Step, batches: list[np.ndarray], device: torch.device, on_step: StepHook | None = None
+) -> torch.Tensor:
+    """`step` on each batch; the summed loss stays on the device (no sync). `on_step(done,
+    total)` after each step: progress within the epoch (a count, nothing read from the device)."""
     running = torch.zeros((), device=device)
-    for batch in batches:
+    for done, batch in enumerate(batches, start=1):
         loss = step(batch)
         if loss is not None:
             running += loss  # before the next step: a graph's loss buffer is overwritten by its next replay
+        if on_step is not None:
+            on_step(done, len(batches))
     return running
 
 
@@ -174,9 +180,11 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[EpochReport, Callable[[], dict]], None] | None = None,
     resume: dict | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> FitResult:
     """Train with the patience rule; leaves the best epoch's weights in `model`. Raises
-    `Diverged` when an epoch's mean loss is not finite."""
+    `Diverged` when an epoch's mean loss is not finite. `on_step(epoch, done, total)` follows the
+    steps within each epoch."""
     cuda = device.type == "cuda"
     optimizer = make_optimizer(model, cfg, device)
     autocast = autocast_for(cfg.amp, device, cfg.cuda_graphs)
@@ -219,7 +227,8 @@ def fit(
         started = time.perf_counter()
         model.train()
         order = order_rng.permutation(data.num_users)
-        running = train_steps(step, epoch_batches(order, cfg.batch_size), device)
+        within = None if on_step is None else lambda done, total, epoch=epoch: on_step(epoch, done, total)
+        running = train_steps(step, epoch_batches(order, cfg.batch_size), device, within)
         mean_loss = float(running) / -(-len(order) // cfg.batch_size)  # the one host sync of the epoch
         if not math.isfinite(mean_loss):
             raise Diverged(epoch, mean_loss)

@@ -142,10 +142,11 @@ def run_trial(
     on_epoch: Hook | None = None,
     resume: dict | None = None,
     gpu_share: float = 0.0,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> TrialResult:
     """Train and test one trial. `gpu_share`: the fraction of a GPU the trial was given (Ray's
-    assignment; it must then run on that GPU). Raises `Diverged` when the training loss turns
-    non-finite."""
+    assignment; it must then run on that GPU). `on_step(epoch, done, total)`: progress within
+    an epoch. Raises `Diverged` when the training loss turns non-finite."""
     split = load_split(cfg)
     device = torch.device("cpu") if cfg.is_bpr else resolve_device(cfg.device, gpu_assigned=gpu_share > 0)
     use_device(device)
@@ -184,7 +185,7 @@ def run_trial(
     def on_epoch_with_peak(report, state) -> None:
         on_epoch(report, lambda: {**state(), "peak_mb": peak_so_far()})
 
-    fitted = fit(model, cfg, data, device, None if on_epoch is None else on_epoch_with_peak, resume)
+    fitted = fit(model, cfg, data, device, None if on_epoch is None else on_epoch_with_peak, resume, on_step)
     ranks = rank_split(
         model, cfg, data, "test", torch.arange(data.num_users, device=device), autocast_for(cfg.amp, device)
     )

@@ -9,6 +9,7 @@ never takes the loopback address as a node's, even when asked to. Its own single
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -85,8 +86,9 @@ def loopback_only():
                 os.environ[k] = v
 
 
-def start_ray(address: str | None) -> bool:
-    """Join a cluster, or start a local single-node Ray bound to 127.0.0.1. True if local."""
+def start_ray(address: str | None, verbose: bool = True) -> bool:
+    """Join a cluster, or start a local single-node Ray bound to 127.0.0.1. True if local.
+    Without `verbose`, Ray's own driver lines below errors are left out."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address and "ray" not in sys.modules:  # (the switch is read when ray is imported)
         os.environ.setdefault(LOOPBACK_SWITCH, "0")
@@ -94,10 +96,11 @@ def start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():  # a caller (a notebook, the tests) already chose the cluster
         return False
+    level = logging.INFO if verbose else logging.ERROR
     if address:
         check_address(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, logging_level=level)
         except (ConnectionError, RuntimeError) as exc:
             raise UserError(
                 f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})"
@@ -105,7 +108,9 @@ def start_ray(address: str | None) -> bool:
         return False
     # address="local": a new single-node Ray even if another one runs on this machine.
     with loopback_only():
-        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        context = ray.init(
+            address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=level
+        )
     node_ip = ray.util.get_node_ip_address()
     print(f"[raysweep] local Ray on {node_ip}: dashboard at http://{context.dashboard_url}", flush=True)
     if node_ip != "127.0.0.1":

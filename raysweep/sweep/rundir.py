@@ -4,7 +4,8 @@ reads and writes its plan, its trial records and its results table.
     RUN/spec.yaml          the sweep file the run started with
     RUN/plan.json          what the sweep means to run (`records.check_plan`)
     RUN/trials/KEY/        result.json (the record, written last), history.parquet, ranks.parquet,
-                           state.pt (a running trial's saved state)
+                           state.pt and progress.json (a running trial's saved state, and
+                           where it is within its epoch)
     RUN/results.parquet    one row per record, derived from the records
     RUN/report/            the report; RUN/tune/ Ray Tune's state; RUN/mlflow.db MLflow's store
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from raysweep.core.trial import TrialResult
 
 DRIVER_FILES = {".lock", ".write-probe"}
-RECORD_FILE, STATE_FILE = "result.json", "state.pt"
+RECORD_FILE, STATE_FILE, PROGRESS_FILE = "result.json", "state.pt", "progress.json"
 
 
 class RunDir:
@@ -95,6 +96,20 @@ class RunDir:
     def state_file(self, key: str) -> Path:
         """A running trial's saved training state (beside its record, not in a Tune checkpoint)."""
         return self.trial(key) / STATE_FILE
+
+    def progress_file(self, key: str) -> Path:
+        """Where a running trial is within its epoch (`trainable.StepProgress`)."""
+        return self.trial(key) / PROGRESS_FILE
+
+    def read_progress(self, key: str) -> dict[str, Any] | None:
+        """A running trial's progress within its epoch, or None (none yet, or unreadable)."""
+        try:
+            progress = json.loads(self.progress_file(key).read_text())
+        except (OSError, ValueError):
+            return None
+        fields = ("epoch", "step", "steps", "seconds")
+        ok = isinstance(progress, dict) and all(isinstance(progress.get(f), int | float) for f in fields)
+        return progress if ok else None
 
     # -- the driver's hold on it ------------------------------------------------------------------
     @contextlib.contextmanager

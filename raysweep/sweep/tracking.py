@@ -2,7 +2,8 @@
 `MLflowLoggerCallback`.
 
 Every Tune trial becomes an MLflow run, named by its trial key, in an experiment named after
-the sweep: its settings as parameters, each epoch's metrics, and its final test metrics. At the
+the sweep: its settings as parameters, each epoch's metrics (step: the epoch), and its final
+test metrics; nothing of Ray's bookkeeping. At the
 end the report is logged as the artifacts of a run named "report". The store is
 RUN_DIR/mlflow.db (SQLite; MLflow 3 has no plain-file store), so
 
@@ -54,6 +55,15 @@ def check_installed(where: str) -> None:
         ) from None
 
 
+# What a trial reports each epoch and at its end (`trainable`); the rest of Tune's result is
+# Ray's bookkeeping (pid, timestamp, done, ...) and the trial's settings, which are parameters.
+EPOCH_METRICS = {"loss", "train_seconds", "val_seconds", "best_ndcg@10", "best_epoch"}
+
+
+def is_trial_metric(name: str) -> bool:
+    return name in EPOCH_METRICS or name.startswith(("val_", "test_"))
+
+
 def metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
@@ -94,7 +104,9 @@ def callback(run: RunDir, name: str) -> Any:
             self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=settings)
 
         def log_trial_result(self, iteration, trial, result):
-            super().log_trial_result(iteration, trial, {metric_name(k): v for k, v in result.items()})
+            metrics = {metric_name(k): v for k, v in result.items() if is_trial_metric(k)}
+            step = int(result.get("epoch") or result["training_iteration"])  # a report per epoch
+            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=metrics, step=step)
 
     experiment(run, name)
     return Logger(tracking_uri=run.mlflow_store, experiment_name=name)

@@ -10,6 +10,7 @@ is older than the crash.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from typing import Any
@@ -28,6 +29,26 @@ from raysweep.sweep.rundir import RunDir
 from raysweep.sweep.spec import Distribution
 
 CHECKPOINT_SECONDS = 60.0
+PROGRESS_SECONDS = 5.0  # how often a trial says where it is within its epoch
+
+
+class StepProgress:
+    """A trial's progress within its epoch, written (by rename) to the trial's progress.json at
+    most every PROGRESS_SECONDS for the driver's status line: epoch, step, steps, and the
+    seconds since the epoch's first step ended (so the steps after it give the pace)."""
+
+    def __init__(self, run: RunDir, key: str):
+        self.path = run.progress_file(key)
+        self.epoch, self.first, self.written = 0, 0.0, 0.0
+
+    def __call__(self, epoch: int, step: int, steps: int) -> None:
+        now = time.monotonic()
+        if epoch != self.epoch:
+            self.epoch, self.first = epoch, now
+        if now - self.written >= PROGRESS_SECONDS:
+            body = json.dumps(dict(epoch=epoch, step=step, steps=steps, seconds=now - self.first))
+            atomic_write(self.path, lambda tmp: tmp.write_text(body))
+            self.written = now
 
 
 def trial_config(config: dict[str, Any]) -> TrialConfig:
@@ -100,9 +121,11 @@ def trainable(config: dict[str, Any]) -> None:
             on_epoch=on_epoch,
             resume=resume,
             gpu_share=resources.get("GPU", 0.0) if ray.get_gpu_ids() else 0.0,
+            on_step=StepProgress(run, key),
         )
     except UserError as exc:  # settings, data or a node that cannot train: no retry would help
         run.write_record(failed_record(cfg, key, stage, str(exc), **where, finished_at=time.time()))
+        run.progress_file(key).unlink(missing_ok=True)
         state_path.unlink(missing_ok=True)
         tune.report(
             {"epoch": getattr(exc, "epoch", 0), "best_ndcg@10": 0.0, "finished": True, "failed": str(exc)}
@@ -117,6 +140,7 @@ def trainable(config: dict[str, Any]) -> None:
         resumed_from_epoch=resume["epoch"] if resume is not None else None,
     )
     run.write_record(record, result)
+    run.progress_file(key).unlink(missing_ok=True)
     state_path.unlink(missing_ok=True)  # the record now says all; a rerun starts afresh
     tune.report(summary(record))
 

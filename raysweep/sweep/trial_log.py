@@ -15,6 +15,7 @@ from typing import Any
 from ray import tune
 
 from raysweep.core.config import trial_key
+from raysweep.core.progress import clock, time_left
 from raysweep.sweep import faults
 from raysweep.sweep.interrupts import DRIVER_STEP
 from raysweep.sweep.records import failed_record
@@ -59,6 +60,9 @@ class TrialLog(tune.Callback):
             self.finished = len(ended) - self.failed
         for hook in DRIVER_STEP:
             hook()
+        if time.monotonic() - self.last_status >= self.every:  # also while no epoch ends
+            self.last_status = time.monotonic()
+            self._status(trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = trial_config(trial.config)
@@ -71,22 +75,33 @@ class TrialLog(tune.Callback):
         faults.driver_point("first-report")
         if "epoch" in result and not result.get("finished"):
             self.best[trial.trial_id] = (result["epoch"], result.get("best_ndcg@10", float("nan")))
-        if time.monotonic() - self.last_status >= self.every:
-            self.last_status = time.monotonic()
-            running = [t for t in trials if t.status == "RUNNING"]
-            parts = [
-                f"{trial_config(t.config).label} s{trial_config(t.config).seed} "
-                f"epoch {self.best[t.trial_id][0]} best {self.best[t.trial_id][1]:.4f}"
-                for t in running
-                if t.trial_id in self.best
-            ]
-            print(
-                f"[raysweep] {self.stage}: {self.finished} done, {self.failed} failed, "
-                f"{len(running)} running, {len(trials) - self.finished - self.failed - len(running)} waiting"
-                + (" | " + "; ".join(parts) if parts else ""),
-                flush=True,
-            )
-            self._progress(trials)
+
+    def _status(self, trials) -> None:
+        """The status line: counts, then each running trial's epoch, its step within the epoch
+        with the time the epoch still needs, and its best validation NDCG@10 so far."""
+        running = [t for t in trials if t.status == "RUNNING"]
+        parts = [self._trial_status(t) for t in running]
+        waiting = len(trials) - self.finished - self.failed - len(running)
+        print(
+            f"[raysweep] {self.stage}: {self.finished} done, {self.failed} failed, {len(running)} running, "
+            f"{waiting} waiting" + (" | " + "; ".join(p for p in parts if p) if any(parts) else ""),
+            flush=True,
+        )
+        self._progress(trials)
+
+    def _trial_status(self, trial) -> str:
+        cfg = trial_config(trial.config)
+        name = f"{cfg.label} s{cfg.seed}"
+        ended, best = self.best.get(trial.trial_id, (0, float("nan")))
+        best_text = "" if ended == 0 else f" best {best:.4f}"
+        at = self.run.read_progress(trial_key(cfg))
+        if at is None or at["epoch"] <= ended:  # no step reported since its last epoch ended
+            return f"{name} epoch {ended}{best_text}" if ended else ""
+        text = f"{name} epoch {int(at['epoch'])} step {int(at['step'])}/{int(at['steps'])}"
+        left = time_left(at["seconds"], at["step"], at["steps"])
+        if left is not None:
+            text += f" (~{clock(left)} left in it)"
+        return text + best_text
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

@@ -296,3 +296,17 @@ def test_cuda_graphs_on_the_cpu_is_one_line():
     cfg, data, model = _setup()  # device auto, resolved to the CPU only when the trial starts
     with pytest.raises(UserError, match="cuda_graphs needs a CUDA device, not cpu"):
         trainer.fit(model, cfg.replaced(cuda_graphs=True), data, torch.device("cpu"))
+
+
+def test_each_step_of_each_epoch_is_reported_within_the_epoch(monkeypatch):
+    curve = iter([0.1, 0.2])
+    monkeypatch.setattr(trainer, "evaluate_split", lambda *a, **k: {"ndcg@10": next(curve)})
+    cfg, data, model = _setup(max_epochs=2, batch_size=1000)
+    steps, ends = [], []
+    trainer.fit(
+        model, cfg, data, torch.device("cpu"), lambda report, _: ends.append(len(steps)),
+        on_step=lambda *at: steps.append(at),
+    )  # fmt: skip
+    per_epoch = -(-data.num_users // 1000)  # 3,000 users in batches of 1,000
+    assert steps == [(e, s, per_epoch) for e in (1, 2) for s in range(1, per_epoch + 1)]
+    assert ends == [per_epoch, 2 * per_epoch]  # every step of an epoch before its report

@@ -407,3 +407,35 @@ models:
         .splitlines()[-1]
         .startswith("16 trials at most: 2 in the seeds stage, 8 search samples in 2 searches, then 6 runs")
     )
+
+
+QUIET = (  # a search stage (Optuna) and MLflow tracking beside a trial
+    GOOD
+    + """  - model: bpr
+    settings: {factors: 8, iterations: 3}
+    search: {samples: 1, space: {factors: {choice: [8]}}}
+tracking: mlflow
+"""
+)
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_normal_run_prints_raysweeps_lines_only(tmp_path, verbose):
+    """Ray's token-authentication notice, Tune's result-file lines, Optuna's new-study line and
+    MLflow's INFO lines are left out unless --verbose (token auth on, as a user has it)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(tmp_path)}
+    args = [str(_sweep(tmp_path, QUIET)), "--results", str(tmp_path / "run"), *(["--verbose"] * verbose)]
+    result = subprocess.run(
+        [sys.executable, "-m", "raysweep.run", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    foreign = [line for line in lines if not line.startswith("[raysweep]")]
+    if verbose:
+        assert any("Token authentication is enabled" in line for line in foreign)
+        assert any("A new study created" in line for line in foreign)
+    else:
+        assert foreign == []

@@ -281,6 +281,11 @@ def test_mlflow_tracks_every_trial(ray_cluster, tmp_path):
         assert [m.step for m in epochs][:3] == [1, 2, 3] and len(epochs) >= row["epochs"]
         assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(row["test_ndcg@10"])
         assert run.data.params["loss"] == row["loss"] and run.data.tags["label"] == row["label"]
+        # the trial's metrics only: no Ray bookkeeping, no settings as metrics
+        names = set(run.data.metrics)
+        assert {"loss", "train_seconds", "val_ndcg_at_10", "best_epoch", "test_hr_at_100"} <= names
+        assert not names & {"pid", "timestamp", "done", "training_iteration", "time_this_iter_s", "finished"}
+        assert not [n for n in names if n.startswith("config")], names
     artifacts = {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
     assert {"table2.md", "index.html"} <= artifacts
 
