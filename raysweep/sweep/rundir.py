@@ -143,8 +143,15 @@ class RunDir:
         True if this call started the run directory (wrote its spec.yaml)."""
         started = self.spec.is_file()
         if started and not resume:
+            plan = self.read_plan()
+            if plan is not None and plan.get("complete") is True:
+                raise UserError(
+                    f"{self}: this sweep already finished here (its report: {self.report / 'index.html'}); "
+                    "for a new run give another run directory (--results DIR)"
+                )
             raise UserError(
-                f"{self}: a sweep already ran here; pass --resume to finish it, or set another 'results'"
+                f"{self}: a sweep already ran here and did not finish; pass --resume to finish it, or "
+                "give another run directory (--results DIR)"
             )
         if started and self.spec.read_bytes() != spec_path.read_bytes():
             raise UserError(

@@ -407,6 +407,11 @@ def test_sigint_stops_the_sweep_and_resume_finishes_it(ray_cluster, staged_unint
     assert "The sweep is incomplete" in report and "## Missing trials" in report
     if stage == "search":
         assert "(seeds)" not in output  # the seeds stage never started
+    again = _drive(spec, run_dir, address)  # without --resume: refused, saying what to do
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == (
+        f"error: {run_dir}: a sweep already ran here and did not finish; pass --resume to finish it, or "
+        "give another run directory (--results DIR)"
+    )
     resumed = _drive(spec, run_dir, address, "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     final = pd.read_parquet(run_dir / "results.parquet").sort_values("key").reset_index(drop=True)
@@ -415,6 +420,12 @@ def test_sigint_stops_the_sweep_and_resume_finishes_it(ray_cluster, staged_unint
     table2 = final[final["in_table2"]]
     assert (table2["status"] == "ok").all() and (table2[table2["label"] == "SASRec"]["lr"] < 1).all()
     assert "Missing trials" not in (run_dir / "report" / "table2.md").read_text()
+    if stage == "seeds":
+        finished = _drive(spec, run_dir, address)  # nothing left to do: it says so, and where to look
+        assert finished.returncode == 2 and finished.stderr.strip().splitlines()[-1] == (
+            f"error: {run_dir}: this sweep already finished here (its report: "
+            f"{run_dir / 'report' / 'index.html'}); for a new run give another run directory (--results DIR)"
+        )
 
 
 def test_an_unpacked_archive_resumes_without_training_again(ray_cluster, staged_run, tmp_path, capsys):
