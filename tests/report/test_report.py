@@ -278,7 +278,8 @@ def test_a_restored_stage_counts_its_earlier_trials_as_done_not_waiting(tmp_path
     from raysweep.sweep.trial_log import TrialLog
 
     def trial(status, last=None):
-        return SimpleNamespace(status=status, last_result=last or {}, trial_id=status + str(last), config={})
+        config = {"trial": {"dataset": "synthetic-chains", "model": "sasrec", "loss": "ce"}}
+        return SimpleNamespace(status=status, last_result=last or {}, trial_id=status + str(last), config=config)
 
     trials = [
         trial("TERMINATED", {"finished": True}),

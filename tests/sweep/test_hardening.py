@@ -356,7 +356,7 @@ def test_a_local_sweep_imports_no_ray_before_it_starts_one(tmp_path):
 import sys
 from raysweep import run
 from raysweep.sweep import cluster
-def started(address):
+def started(address, *options):
     print("ray imported before start_ray" if "ray" in sys.modules else "ray not yet imported")
     raise SystemExit(0)
 cluster.start_ray = started
