@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "extra":
             continue
         kind = info.annotation
-        if get_origin(kind) is not Literal and get_args(kind):  # X | None
+        many = get_origin(kind) is list  # list[X]: one or more values
+        if get_origin(kind) is not Literal and get_args(kind):  # X | None, list[X]
             kind = next(k for k in get_args(kind) if k is not type(None))
         choices = get_args(kind) if get_origin(kind) is Literal else None
         flag = "--" + name.replace("_", "-")
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **shown)
         else:
             kind = str if choices else kind
+            shown |= {"nargs": "+"} if many else {}
             parser.add_argument(flag, type=kind, choices=choices, required=name == "dataset", **shown)
     parser.add_argument(
         "--out",

@@ -69,13 +69,17 @@ def ml1m(data_env):
         )
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects: the marks added here count
 def pytest_collection_modifyitems(config, items):
     import torch
 
     for item in items:
+        # Whole sweeps belong to the long tests, but for one small sweep run end to end.
+        if item.get_closest_marker("sweep") and not item.get_closest_marker("end_to_end"):
+            item.add_marker(pytest.mark.long)
         # CI's plain-clone run leaves the sweep tests out to save time, which is sound only while
         # none of them needs the data mirror.
-        if "sweep" in item.keywords and "ml1m" in item.fixturenames:
+        if item.get_closest_marker("sweep") and "ml1m" in item.fixturenames:
             raise pytest.UsageError(f"{item.nodeid}: a sweep test must not need ML-1M")
     if torch.cuda.is_available():
         return

@@ -131,6 +131,7 @@ def test_speed_counts_the_ops_that_compute_and_leaves_out_views():
     assert speed.kernel_ops(lambda: ((b + 1) * 2).sum().backward()) == 5
 
 
+@pytest.mark.long
 def test_speed_prints_a_row_for_the_bundled_data(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--only", "beauty-sasrec-bce"]

@@ -16,8 +16,8 @@ import torch
 
 from raysweep.core.config import TrialConfig
 from raysweep.core.errors import Diverged, UserError
-from raysweep.core.evaluation import validation_users
-from raysweep.core.metrics import mean_metrics, rank_users
+from raysweep.core.evaluation import popularity_sampler, validation_users
+from raysweep.core.metrics import Sampler, mean_metrics, rank_users
 from raysweep.core.split import Split
 
 
@@ -61,7 +61,9 @@ def _fit(cfg: TrialConfig, user_items, use_gpu: bool):
     return users, items
 
 
-def _ranks(split: Split, users: torch.Tensor, factors, stage: str) -> torch.Tensor:
+def _ranks(
+    split: Split, users: torch.Tensor, factors, stage: str, sampler: Sampler | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     user_f, item_f = factors
     ends = torch.as_tensor(split.offsets[1:])
     back = 2 if stage == "val" else 1
@@ -72,6 +74,7 @@ def _ranks(split: Split, users: torch.Tensor, factors, stage: str) -> torch.Tens
         torch.as_tensor(split.items),
         torch.as_tensor(split.offsets[:-1]),
         torch.as_tensor(np.diff(split.offsets) - back),
+        sampler=sampler,
     )
 
 
@@ -81,6 +84,7 @@ class BPRFit(NamedTuple):
     seconds: float
     history: list[dict[str, Any]]  # one row: BPR-MF has no epochs
     device: str
+    sampled_ranks: np.ndarray | None = None  # test ranks among popularity-drawn negatives
 
 
 def run_bpr(cfg: TrialConfig, split: Split) -> BPRFit:
@@ -100,9 +104,11 @@ def run_bpr(cfg: TrialConfig, split: Split) -> BPRFit:
             validation_users(split.num_users, cfg.val_users, cfg.seed, torch.device("cpu")),
             _fit(cfg, _user_items(split, 2), use_gpu),
             "val",
-        )
+        )[0]
     )
-    ranks = _ranks(split, torch.arange(split.num_users), _fit(cfg, _user_items(split, 1), use_gpu), "test")
+    test_fit = _fit(cfg, _user_items(split, 1), use_gpu)
+    sampler = popularity_sampler(cfg, split, torch.device("cpu"))
+    ranks, sampled = _ranks(split, torch.arange(split.num_users), test_fit, "test", sampler)
     seconds = time.perf_counter() - started
     history = [
         {
@@ -113,4 +119,5 @@ def run_bpr(cfg: TrialConfig, split: Split) -> BPRFit:
             **{f"val_{k}": v for k, v in val.items()},
         }
     ]
-    return BPRFit(val, ranks.numpy(), seconds, history, "cuda" if use_gpu else "cpu")
+    sampled = None if sampled is None else sampled.numpy()
+    return BPRFit(val, ranks.numpy(), seconds, history, "cuda" if use_gpu else "cpu", sampled)

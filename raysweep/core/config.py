@@ -105,6 +105,14 @@ class TrialConfig(BaseModel):
     bpr_lr: float = Field(0.05, gt=0, allow_inf_nan=False, description="bpr: learning rate")
     regularization: float = Field(0.01, ge=0, allow_inf_nan=False, description="bpr: L2 regularization")
     iterations: int = Field(100, ge=1, description="bpr: training iterations")
+    sampled_n: int = Field(
+        100, ge=1, description="negatives per test user of the sampled protocols (BERT4Rec's: 100)"
+    )
+    samplers: list[Literal["uniform", "popularity"]] = Field(
+        ["uniform", "popularity"],
+        description="sampled protocols reported beside full ranking: uniform (exact, from the full "
+        "rank) and popularity (drawn at test time, its rank stored beside the full one)",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",

@@ -12,6 +12,7 @@ themselves are kept (`rank_users`), so every metric at any k can be recomputed f
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -76,6 +77,69 @@ def mean_metrics(rank: torch.Tensor | np.ndarray) -> dict[str, float]:
     return {name: float(values.mean()) for name, values in metrics_from_ranks(rank).items()}
 
 
+class Sampler(NamedTuple):
+    """BERT4Rec's sampled protocol at test time: each target ranked among `n` negatives drawn
+    without replacement in proportion to `popularity` (a count per item id), never padding, an
+    item of the user's history or the target; `generator` makes the draws repeatable."""
+
+    popularity: torch.Tensor  # [num_items + 1] float
+    n: int
+    generator: torch.Generator
+
+
+def draw_negatives(
+    sampler: Sampler, targets: torch.Tensor, seen_rows: torch.Tensor, seen_items: torch.Tensor
+) -> torch.Tensor:
+    """[users, n] distinct eligible items per user. Successive sampling: 4n draws with
+    replacement from the popularity distribution (one cumulative sum, a binary search each), the
+    user's excluded items and repeats dropped, the first n kept, which is sampling without
+    replacement in proportion to popularity, at a fraction of a masked per-user
+    `torch.multinomial`'s cost. A row left short (rare) draws with that multinomial instead."""
+    rows = torch.arange(len(targets), device=targets.device)
+    width = len(sampler.popularity)
+    excluded = torch.zeros(len(targets), width, dtype=torch.bool, device=targets.device)
+    excluded[seen_rows, seen_items] = True
+    excluded[rows, targets] = True
+    excluded[:, 0] = True
+    cdf = sampler.popularity.cumsum(0)
+    u = torch.rand(len(targets), 4 * sampler.n, generator=sampler.generator, device=targets.device)
+    draws = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=width - 1)
+    ordered, order = draws.sort(dim=1, stable=True)  # (stable: a repeat's first draw comes first)
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    keep = ~excluded.gather(1, draws) & ~torch.zeros_like(repeat).scatter_(1, order, repeat)
+    kept = keep.cumsum(1)
+    short = kept[:, -1] < sampler.n
+    if short.any():
+        weights = sampler.popularity.expand(int(short.sum()), -1).masked_fill(excluded[short], 0.0)
+        refill = torch.multinomial(weights, sampler.n, replacement=False, generator=sampler.generator)
+    keep &= kept <= sampler.n
+    keep[short] = False
+    negatives = torch.empty(len(targets), sampler.n, dtype=draws.dtype, device=draws.device)
+    negatives[~short] = draws[keep].view(-1, sampler.n)
+    if short.any():
+        negatives[short] = refill
+    return negatives
+
+
+def sampled_ranks(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    seen_rows: torch.Tensor,
+    seen_items: torch.Tensor,
+    full: torch.Tensor,
+    sampler: Sampler,
+) -> torch.Tensor:
+    """0-based rank of each target among its drawn negatives (ties against the target, like the
+    full rank); a full-rank miss stays a miss (rank n)."""
+    rows = torch.arange(len(targets), device=scores.device)
+    drawn = draw_negatives(sampler, targets, seen_rows, seen_items)
+    target_score = scores[rows, targets].float()
+    rank = (scores.gather(1, drawn).float() >= target_score[:, None]).sum(1)
+    miss = full >= miss_rank(scores.shape[1])
+    return torch.where(miss, torch.full_like(rank, sampler.n), rank)
+
+
 def rank_users(
     score: Callable[[torch.Tensor], torch.Tensor],
     users: torch.Tensor,
@@ -84,13 +148,19 @@ def rank_users(
     starts: torch.Tensor,
     seen_lengths: torch.Tensor,
     chunk: int | None = None,
-) -> torch.Tensor:
-    """Each user's target rank (int32, on the CPU); score(user_chunk) returns fp32 scores
-    [chunk, num_items + 1]."""
+    sampler: Sampler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each user's target rank (int32, on the CPU), and with a `sampler` its rank among the
+    sampled negatives too (else None); score(user_chunk) returns fp32 scores [chunk, num_items + 1]."""
     chunk = chunk or knob(EVAL_CHUNK_USERS, users.device)
     ranks = torch.empty(len(users), dtype=torch.int32, device=users.device)
+    sampled = None if sampler is None else torch.empty_like(ranks)
     for begin in range(0, len(users), chunk):
         u = users[begin : begin + chunk]
         rows, seen = seen_mask_indices(items, starts[u], seen_lengths[u])
-        ranks[begin : begin + len(u)] = rank_targets(score(u), targets[u], rows, seen)
-    return ranks.cpu()
+        scores = score(u)
+        full = rank_targets(scores, targets[u], rows, seen)
+        ranks[begin : begin + len(u)] = full
+        if sampler is not None:
+            sampled[begin : begin + len(u)] = sampled_ranks(scores, targets[u], rows, seen, full, sampler)
+    return ranks.cpu(), None if sampled is None else sampled.cpu()

@@ -21,7 +21,7 @@ from raysweep.core.config import TrialConfig
 from raysweep.core.data import load_interactions
 from raysweep.core.devices import autocast_for, device_name, precision, resolve_device, use_device
 from raysweep.core.errors import UserError
-from raysweep.core.evaluation import rank_split
+from raysweep.core.evaluation import popularity_sampler, rank_split
 from raysweep.core.memory import device_memory, device_used_mb, track_peak, training_bytes
 from raysweep.core.metrics import mean_metrics
 from raysweep.core.models import build_model
@@ -52,6 +52,7 @@ class TrialResult:
     # What the whole card has in use at the end (torch.cuda.mem_get_info: the CUDA context and any
     # process sharing the card included), beside `peak_memory_mb`, the trial's own tensors.
     device_used_mb: float | None = None
+    sampled_ranks: np.ndarray | None = None  # each target's rank among popularity-drawn negatives
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -170,6 +171,7 @@ def run_trial(
             bpr.history,
             bpr.ranks,
             split.sha256(),
+            sampled_ranks=bpr.sampled_ranks,
         )
     data = sequence_data(split, cfg.max_len, device)
     check_negatives(cfg, data)
@@ -186,8 +188,14 @@ def run_trial(
         on_epoch(report, lambda: {**state(), "peak_mb": peak_so_far()})
 
     fitted = fit(model, cfg, data, device, None if on_epoch is None else on_epoch_with_peak, resume, on_step)
-    ranks = rank_split(
-        model, cfg, data, "test", torch.arange(data.num_users, device=device), autocast_for(cfg.amp, device)
+    ranks, sampled = rank_split(
+        model,
+        cfg,
+        data,
+        "test",
+        torch.arange(data.num_users, device=device),
+        autocast_for(cfg.amp, device),
+        popularity_sampler(cfg, split, device),
     )
     return TrialResult(
         cfg,
@@ -204,4 +212,5 @@ def run_trial(
         ranks.numpy(),
         split.sha256(),
         device_used_mb(device),
+        None if sampled is None else sampled.numpy(),
     )

@@ -23,13 +23,22 @@ import pyarrow.parquet as pq
 
 from raysweep.core.atomic import atomic_write, check_output_path
 from raysweep.core.errors import UserError
+from raysweep.core.outputs import SAMPLED_COLUMN
 from raysweep.sweep.records import TrialRecord, check_plan
 from raysweep.sweep.rundir import RunDir
 
 SPEC_KEY, PLAN_KEY = b"raysweep.spec", b"raysweep.plan"
-SCHEMA = pa.schema(
-    [("key", pa.string()), ("record", pa.string()), ("history", pa.string()), ("ranks", pa.list_(pa.int32()))]
+RANKS = pa.list_(pa.int32())
+# (archives written before popularity-sampled ranks were kept have no sampled_ranks column)
+OLD_SCHEMA = pa.schema(
+    [("key", pa.string()), ("record", pa.string()), ("history", pa.string()), ("ranks", RANKS)]
 )
+SCHEMA = OLD_SCHEMA.append(pa.field("sampled_ranks", RANKS))
+
+
+def _ranks_of(frame) -> tuple[np.ndarray, np.ndarray | None]:
+    sampled = frame[SAMPLED_COLUMN].to_numpy(np.int32) if SAMPLED_COLUMN in frame else None
+    return frame["rank"].to_numpy(np.int32), sampled
 
 
 def pack(run_dir: Path, out: Path) -> int:
@@ -40,10 +49,10 @@ def pack(run_dir: Path, out: Path) -> int:
         raise UserError(f"{run_dir}: no spec.yaml here (is it a raysweep run directory?)")
     rows = []
     for record in run.load_records():
-        history, ranks = run.parts(
-            record.key, lambda f: json.dumps(f.to_dict("records")), lambda f: f["rank"].to_numpy(np.int32)
-        )
-        rows.append({"key": record.key, "record": record.to_json(), "history": history, "ranks": ranks})
+        history, both = run.parts(record.key, lambda f: json.dumps(f.to_dict("records")), _ranks_of)
+        ranks, sampled = both or (None, None)
+        row = {"key": record.key, "record": record.to_json(), "history": history, "ranks": ranks}
+        rows.append(row | {"sampled_ranks": sampled})
     # (its plan says which searches finished: a resume does not sample them again)
     plan = run.plan_file.read_bytes() if run.plan_file.is_file() else b""
     table = pa.Table.from_pylist(
@@ -70,6 +79,10 @@ def _check_row(row: dict) -> None:
         raise ValueError(f"{record.key}: a finished trial without its history and test ranks")
     if row["ranks"] is not None and len(row["ranks"]) and row["ranks"].min() < 0:
         raise ValueError(f"{record.key}: a negative test rank")
+    sampled = row.get("sampled_ranks")
+    whole = row["ranks"] is not None and sampled is not None and len(sampled) == len(row["ranks"])
+    if sampled is not None and (not whole or sampled.min() < 0):
+        raise ValueError(f"{record.key}: its sampled ranks are not one non-negative rank per test user")
 
 
 def read(path: Path) -> tuple[bytes, bytes, list[dict]]:
@@ -79,6 +92,8 @@ def read(path: Path) -> tuple[bytes, bytes, list[dict]]:
         table = pq.read_table(path)
         metadata = table.schema.metadata or {}
         spec, plan = metadata[SPEC_KEY], metadata.get(PLAN_KEY, b"")
+        if table.schema.remove_metadata().equals(OLD_SCHEMA):
+            table = table.append_column("sampled_ranks", pa.nulls(len(table), RANKS))
         if not table.schema.remove_metadata().equals(SCHEMA):
             raise ValueError(
                 f"its columns are {table.schema.remove_metadata().to_string()!r}, not a raysweep archive's"
@@ -86,9 +101,10 @@ def read(path: Path) -> tuple[bytes, bytes, list[dict]]:
         spec.decode("utf-8")
         if plan:
             check_plan(json.loads(plan))
-        rows = table.drop_columns(["ranks"]).to_pylist()
-        for row, ranks in zip(rows, table.column("ranks").combine_chunks()):
-            row["ranks"] = ranks.values.to_numpy() if ranks.is_valid else None  # no Python ints
+        rows = table.drop_columns(["ranks", "sampled_ranks"]).to_pylist()
+        for name in ("ranks", "sampled_ranks"):
+            for row, ranks in zip(rows, table.column(name).combine_chunks()):
+                row[name] = ranks.values.to_numpy() if ranks.is_valid else None  # no Python ints
         for number, row in enumerate(rows):
             try:
                 _check_row(row)
@@ -131,7 +147,8 @@ def unpack(path: Path, run_dir: Path) -> tuple[int, int]:
             if done is None or (not done.ok and row["record"].ok):
                 todo.append(row)
         for row in todo:
-            run.write_record(row["record"], history=row["history"], ranks=row["ranks"])
+            parts = {name: row[name] for name in ("history", "ranks")}
+            run.write_record(row["record"], **parts, sampled=row["sampled_ranks"])
         if plan and ours is None:
             run.write_plan(plan)
         if not run.spec.is_file():

@@ -208,13 +208,14 @@ class RunDir:
         result: TrialResult | None = None,
         history: list[dict] | None = None,
         ranks: np.ndarray | None = None,
+        sampled: np.ndarray | None = None,
     ) -> None:
         """The trial's history and ranks (from `result`, or given), then result.json last: its
         presence means the trial is finished, history and ranks included."""
         folder = self.trial(record.key)
         if result is not None:
-            history, ranks = result.history, result.ranks
-        write_history_and_ranks(folder, history, ranks)
+            history, ranks, sampled = result.history, result.ranks, result.sampled_ranks
+        write_history_and_ranks(folder, history, ranks, sampled)
         atomic_write(folder / RECORD_FILE, lambda tmp: tmp.write_text(record.to_json()))
 
     def _record_paths(self) -> list[Path]:
@@ -245,9 +246,11 @@ class RunDir:
                 f"{path}: unreadable training history ({str(exc).splitlines()[0]}); nothing was rewritten"
             ) from None
 
-    def ranks(self, key: str) -> np.ndarray:
-        """The trial's test ranks (OSError, ValueError or KeyError if its file is damaged)."""
-        return pd.read_parquet(self.trial(key) / RANKS_FILE)["rank"].to_numpy()
+    def ranks(self, key: str, column: str = "rank") -> np.ndarray:
+        """The trial's test ranks, or another column of its ranks.parquet (SAMPLED_COLUMN: its
+        popularity-sampled ranks); OSError, ValueError or KeyError if the file is damaged or
+        has no such column."""
+        return pd.read_parquet(self.trial(key) / RANKS_FILE)[column].to_numpy()
 
     def parts(self, key: str, convert_history, convert_ranks) -> tuple[Any, Any]:
         """A trial's history and ranks as files hold them, converted (None where a failed trial has none)."""

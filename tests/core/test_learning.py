@@ -22,7 +22,7 @@ def _ndcg(**settings) -> float:
         ("sasrec", "bce", None, 8, True, "uniform"),
         ("gru4rec", "ce", None, 6, True, "uniform"),
         ("gru4rec", "ce", None, 6, False, "uniform"),
-        ("bert4rec", None, None, 30, True, "uniform"),
+        pytest.param("bert4rec", None, None, 30, True, "uniform", marks=pytest.mark.long),
         (
             "sasrec",
             "gbce",

@@ -130,7 +130,11 @@ def test_fixed_positions_are_padded_to_few_bucket_sizes():
 
 @pytest.mark.parametrize(
     "model, loss, negatives, epochs",
-    [("sasrec", "sampled_ce", 30, 6), ("sasrec", "bce", None, 8), ("bert4rec", None, None, 30)],
+    [
+        ("sasrec", "sampled_ce", 30, 6),
+        ("sasrec", "bce", None, 8),
+        pytest.param("bert4rec", None, None, 30, marks=pytest.mark.long),
+    ],
 )
 def test_the_fixed_shape_step_learns_the_planted_order(model, loss, negatives, epochs):
     """The step cuda_graphs captures, run eagerly here (negatives drawn on the device)."""

@@ -279,7 +279,8 @@ def test_a_restored_stage_counts_its_earlier_trials_as_done_not_waiting(tmp_path
 
     def trial(status, last=None):
         config = {"trial": {"dataset": "synthetic-chains", "model": "sasrec", "loss": "ce"}}
-        return SimpleNamespace(status=status, last_result=last or {}, trial_id=status + str(last), config=config)
+        ident = status + str(last)
+        return SimpleNamespace(status=status, last_result=last or {}, trial_id=ident, config=config)
 
     trials = [
         trial("TERMINATED", {"finished": True}),

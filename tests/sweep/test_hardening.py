@@ -67,6 +67,7 @@ def test_nan_and_infinite_scores_rank_as_misses():
     assert metrics.mean_metrics(ranks)["ndcg@10"] == 0.25  # never above 1, never inf
 
 
+@pytest.mark.long
 def test_a_diverging_trial_stops_with_one_line(tmp_path):
     result = _cli(
         "raysweep.train",
@@ -148,6 +149,7 @@ def test_a_folder_is_not_a_data_file(tmp_path):
         data.load_interactions(str(tmp_path / "x.txt"))
 
 
+@pytest.mark.long
 def test_a_damaged_data_cache_is_rebuilt(tmp_path, capsys):
     frame = data.load_interactions("synthetic-chains", data_dir=tmp_path)
     cache = tmp_path / "synthetic-chains" / f"interactions.v{data.CACHE_VERSION}.parquet"
@@ -298,6 +300,7 @@ def _run_dir_with_a_result(tmp_path) -> Path:
     return run_dir
 
 
+@pytest.mark.long
 def test_the_report_reads_its_inputs_or_says_which_file_is_bad(tmp_path):
     run_dir = _run_dir_with_a_result(tmp_path)
     assert _cli("raysweep.report", run_dir).returncode == 0
@@ -420,7 +423,8 @@ tracking: mlflow
 
 
 @pytest.mark.sweep
-@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.end_to_end
+@pytest.mark.parametrize("verbose", [False, pytest.param(True, marks=pytest.mark.long)])
 def test_a_normal_run_prints_raysweeps_lines_only(tmp_path, verbose):
     """Ray's token-authentication notice, Tune's result-file lines, Optuna's new-study line and
     MLflow's INFO lines are left out unless --verbose (token auth on, as a user has it)."""

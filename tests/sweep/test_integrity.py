@@ -265,6 +265,7 @@ def test_no_value_reaches_the_page_as_markup(tmp_path):
     assert "&lt;script&gt;alert(1)" in page and "onerror=alert(3)" in page  # shown, as text
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("how", ["link", "dotdot"])
 def test_system_folders_are_judged_after_links_and_dotdot(tmp_path, how):
     link = tmp_path / "link"

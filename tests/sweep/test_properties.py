@@ -1,5 +1,6 @@
 """Property-based: any sweep file or data file either loads or gives the one-line error."""
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -192,6 +193,7 @@ def test_any_search_space_loads_only_if_every_value_it_can_draw_is_valid(tmp_pat
             TrialConfig.from_dict({**base, name: value})  # raises if a drawable value were invalid
 
 
+@pytest.mark.long
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.sampled_from(
