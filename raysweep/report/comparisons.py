@@ -24,6 +24,7 @@ deviation over seeds stands beside the CIs, so a reader sees which noise dominat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,13 +164,15 @@ def compare(
     metric: str,
     seed: int = 0,
     resamples: int = RESAMPLES,
+    values: Callable[[np.ndarray, str], np.ndarray] | None = None,
 ) -> Comparison:
-    """A against B on the same users (p_holm is filled in by `holm_corrected`)."""
+    """A against B on the same users (p_holm is filled in by `holm_corrected`). `values(ranks,
+    metric)`: each user's metric from one seed's ranks (default: full ranking's; the sampled
+    protocols pass their own)."""
     if len({len(r) for r in ranks_a + ranks_b}) != 1:
         raise ValueError(f"{dataset}: {a} and {b} were tested on different numbers of users")
-    per_seed_a, per_seed_b = (
-        np.stack([user_values([r], metric) for r in ranks]) for ranks in (ranks_a, ranks_b)
-    )
+    values = values or (lambda r, m: user_values([r], m))
+    per_seed_a, per_seed_b = (np.stack([values(r, metric) for r in ranks]) for ranks in (ranks_a, ranks_b))
     diff = per_seed_a.mean(0) - per_seed_b.mean(0)
     interval = stats.bootstrap(
         (diff,),

@@ -117,3 +117,20 @@ def test_impossible_settings_are_one_line_exit_2(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_popularity_sampler_is_a_validated_setting_and_its_ranks_are_kept(tmp_path):
+    from raysweep.core.config import TrialConfig
+    from raysweep.core.errors import UserError
+    from raysweep.core.trial import run_trial
+
+    with pytest.raises(UserError, match="samplers"):
+        TrialConfig.from_dict(dict(dataset="beauty", model="sasrec", loss="ce", samplers=["gaussian"]))
+    with pytest.raises(UserError, match="sampled_n"):
+        TrialConfig.from_dict(dict(dataset="beauty", model="sasrec", loss="ce", sampled_n=0))
+    tiny = dict(dataset="synthetic-chains", model="sasrec", loss="ce", max_epochs=1, hidden=16, val_users=100)
+    drawn = run_trial(TrialConfig.from_dict(dict(tiny, sampled_n=20)))
+    assert drawn.sampled_ranks is not None and drawn.sampled_ranks.shape == drawn.ranks.shape
+    assert drawn.sampled_ranks.min() >= 0 and drawn.sampled_ranks.max() <= 20
+    assert (drawn.sampled_ranks <= drawn.ranks).all()  # never more negatives above it than all items
+    assert run_trial(TrialConfig.from_dict(dict(tiny, samplers=["uniform"]))).sampled_ranks is None

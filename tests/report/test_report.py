@@ -192,9 +192,9 @@ def test_the_page_holds_everything_in_one_file(evidence):
     assert any(
         item.startswith("beauty: these 2 runs of SASRec+ beat this run of BERT4Rec") for item in page.items
     )
-    assert len(page.images) == 1 and page.images[0].startswith(
-        "data:image/png;base64,"
-    )  # Figure 1 (no N here)
+    # Figure 1 (no N here, so no Figure 2) and the sampled-vs-full figure, inline
+    assert len(page.images) == 2 and all(i.startswith("data:image/png;base64,") for i in page.images)
+    assert page.tables["sampled"] == 3
     assert "3 done, 0 failed, 2 running, 5 waiting" in page.progress
     assert 'http-equiv="refresh"' in text and 'src="http' not in text and "<script" not in text
     report.write_report(RunDir(run_dir))  # at the sweep's end: no more refreshing
@@ -524,3 +524,27 @@ def test_the_method_level_ci_covers_the_true_difference_in_about_95_percent_of_s
         m = comparisons.method_level(model(0.02), model(0.0), seed=draw, resamples=500)
         covered.append(m.low <= 0.02 <= m.high)
     assert 0.91 <= np.mean(covered) <= 0.99, np.mean(covered)
+
+
+def test_sampled_metrics_can_reverse_an_order_and_the_report_says_so(tmp_path):
+    """SASRec+ ranks half its targets first and buries the rest (full ranks near 20,000); BERT4Rec
+    puts every target at full rank 150, never a full-ranking top-10 hit. Full ranking: SASRec+
+    ahead. Among 100 uniform negatives of ~54,000 a rank of 150 meets about 0.3 of them above
+    it, so BERT4Rec's sampled NDCG@10 is near 0.9, above SASRec+'s about 0.5 + 0.5 x 0.15."""
+    from raysweep.report.sampled import uniform_sampled
+
+    users = 40_226
+    run_dir = tmp_path / "run"
+    buried = np.where(np.arange(users) % 2 == 0, 0, 20_000)
+    _fake_trial(run_dir, dict(loss="ce"), 0, buried)
+    _fake_trial(run_dir, dict(model="bert4rec"), 0, np.full(users, 150))
+    RunDir(run_dir).write_results()
+    report.write_report(RunDir(run_dir))
+    text = (run_dir / "report" / "table2.md").read_text()
+    section = text[text.index("## Sampled vs full ranking") :]
+    assert "orders the models with Kendall's tau -1.00 against full ranking" in section
+    assert "these pairs swap (sampled order given): BERT4Rec above SASRec+" in section
+    assert "beauty, uniform-sampled: this run of BERT4Rec beats this run of SASRec+ by +0." in section
+    expected = uniform_sampled(np.full(1, 150), np.full(1, 54_000))["ndcg@10"][0]
+    assert 0.85 < expected < 0.95  # the planted case is what the docstring says
+    assert (run_dir / "report" / "sampled.png").is_file()
