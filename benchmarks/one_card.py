@@ -76,7 +76,10 @@ def command(cfg: TrialConfig, out: Path) -> list[str]:
         if name == "extra" or value is None:
             continue
         flag = "--" + name.replace("_", "-")
-        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:  # (a list setting takes its values one after another)
+            args += [flag, *map(str, value if isinstance(value, list) else [value])]
     return args
 
 

@@ -146,3 +146,18 @@ def test_speed_prints_a_row_for_the_bundled_data(tmp_path):
     train, val, total = map(float, cells[1:4])
     assert train > 0 and val > 0 and abs(train + val - total) < 0.02
     assert "2 steps scaled to" in cells[-1]
+
+
+def test_one_cards_command_line_gives_raysweep_train_the_trials_every_setting(tmp_path):
+    """The GPU script runs each trial as `python -m raysweep.train` with every setting a flag: the
+    flags parse back into the same settings (a list setting, samplers, included)."""
+    from raysweep import train
+    from raysweep.core.config import TrialConfig
+
+    one_card = load_benchmark("one_card")
+    settings = dict(dataset="beauty", model="sasrec", loss="sampled_ce", negatives=300, amp=False)
+    cfg = TrialConfig.from_dict(settings | {"samplers": ["uniform"]})
+    argv = one_card.command(cfg, tmp_path)[3:]  # after python -m raysweep.train
+    args = vars(train._parser().parse_args(argv))
+    args.pop("out")
+    assert TrialConfig.from_dict(args) == cfg
