@@ -137,9 +137,9 @@ def sweep_header(run: RunDir, ok: pd.DataFrame, plan: dict[str, Any] | None) -> 
     resources = f"{spec.resources.cpus:g} CPU and {spec.resources.gpus:g} GPU per trial"
     lines = [f"**Sweep `{spec.name}`**" + (f": {spec.description.strip()}" if spec.description else "")]
     seeds = ", ".join(map(str, spec.seeds))
-    own = [
+    own = dict.fromkeys(  # (each model's own seeds, once)
         f"{m.model} {', '.join(map(str, m.seeds))}" for m in spec.models if m.seeds and m.seeds != spec.seeds
-    ]
+    )
     if own:
         seeds += " (" + "; ".join(own) + ")"
     count = f"{finished} of {planned} planned trials finished" if planned else f"{finished} trials finished"
