@@ -138,6 +138,12 @@ def sampled_section(run: RunDir, results: pd.DataFrame, pairs: list[tuple[str, s
             except (OSError, ValueError, KeyError) as exc:
                 notes.append(f"{dataset}: {label} skipped: a trial's ranks.parquet is unreadable ({exc})")
                 continue
+            if any(len(r) != len(pool) for r in full):
+                notes.append(
+                    f"{dataset}: {label} skipped: its ranks hold {len(full[0]):,} test users, the data "
+                    f"{len(pool):,} (a record of other data?)"
+                )
+                continue
             ranks["full"][label] = ranks["uniform"][label] = full
             with contextlib.suppress(OSError, ValueError, KeyError):  # (older trials have none)
                 ranks["popularity"][label] = [run.ranks(k, SAMPLED_COLUMN) for k in keys]
