@@ -251,7 +251,7 @@ def sampled_blocks(section: SampledSection | None) -> list:
         ),
     ]
     if not section.table.empty:
-        out.append(Table(sampled_table(section.table), "sampled", "table2"))
+        out.append(Table(sampled_table(section.table), "sampled"))
     sentences = [c.sentence() for c in section.comparisons if c.metric == "ndcg@10"]
     out.append(Items(section.agreement + sentences + section.notes))
     if section.figure:
