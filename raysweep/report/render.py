@@ -367,6 +367,16 @@ def progress_line(results: pd.DataFrame, parts: Parts, progress: dict[str, Any] 
     )
 
 
+def cached_sampled(run: RunDir, ok: pd.DataFrame, cache: dict | None) -> SampledSection:
+    """The sampled-vs-full section, built again only when the finished trials change: the live
+    page is rewritten as trials end, and the section loads the data and bootstraps."""
+    cache = {} if cache is None else cache
+    ident = tuple(sorted(ok.loc[ok["status"] == "ok", "key"]))
+    if cache.get("sampled", (None,))[0] != ident:
+        cache["sampled"] = (ident, sampled_section(run, ok, sweep_pairs(run)))
+    return cache["sampled"][1]
+
+
 def build(run: RunDir, cache: dict | None = None) -> tuple[Parts, pd.DataFrame]:
     results = run.read_results()
     plan = run.read_plan()
@@ -385,7 +395,7 @@ def build(run: RunDir, cache: dict | None = None) -> tuple[Parts, pd.DataFrame]:
         sweep_state(plan, missing),
         figure1(ok, run),
         figure2(ok),
-        sampled_section(run, ok, sweep_pairs(run)) if len(ok) else None,
+        cached_sampled(run, ok, cache) if len(ok) else None,
     )
     return parts, results
 
