@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,6 @@ def _tune_stage(
     finished: bool = False,
 ) -> None:
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from raysweep.sweep import tracking
     from raysweep.sweep import trainable as glue
@@ -241,54 +241,80 @@ def _tune_stage(
         callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
     )
+    tuner = None
     if resume and tune.Tuner.can_restore(storage / experiment) and _whole_tune_state(storage / experiment):
-        tuner = tune.Tuner.restore(
-            str(storage / experiment),
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-            restart_errored=False,
-        )
-    elif search is not None and finished:
+        tuner = _restore(tune, storage / experiment, trainable)
+    if tuner is None and search is not None and finished:
         # A run carried from another machine (raysweep.archive): its records are the search.
         print(f"[raysweep] {stage}: finished before; its best setting is read from the records", flush=True)
         return
-    elif grid is not None:
-        if not grid:
-            return
+    if tuner is None and grid is not None and not grid:
+        return
+    if tuner is None:
+        tuner = _new_tuner(trainable, run_config, run, stage, grid, search)
+    with contextlib.nullcontext() if spec.tracking == "mlflow" else tracking.left_out():
+        tuner.fit()
+
+
+def _new_tuner(trainable, run_config, run: RunDir, stage: str, grid, search):
+    """A stage from its start: the grid of trials, or the Optuna search over one entry's space."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raysweep.sweep import trainable as glue
+
+    if grid is not None:
         space = {
             "trial": tune.grid_search([t.config.to_dict() for t in grid]),
             "run_dir": str(run.path),
             "stage": stage,
         }
-        tuner = tune.Tuner(
+        return tune.Tuner(
             trainable,
             param_space=space,
             run_config=run_config,
             tune_config=tune.TuneConfig(trial_dirname_creator=_dirname),
         )
-    else:
-        base, block = search
-        fixed = {k: v for k, v in base.config.to_dict().items() if k not in block.space}
-        space = {
-            "trial": fixed,
-            "search": glue.search_space(block.space),
-            "run_dir": str(run.path),
-            "stage": stage,
-        }
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            run_config=run_config,
-            tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(metric="best_ndcg@10", mode="max", seed=block.seed),
-                num_samples=block.samples,
-                max_concurrent_trials=block.max_concurrent,
-                trial_dirname_creator=_dirname,
-            ),
+    base, block = search
+    fixed = {k: v for k, v in base.config.to_dict().items() if k not in block.space}
+    space = {
+        "trial": fixed,
+        "search": glue.search_space(block.space),
+        "run_dir": str(run.path),
+        "stage": stage,
+    }
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        run_config=run_config,
+        tune_config=tune.TuneConfig(
+            search_alg=OptunaSearch(metric="best_ndcg@10", mode="max", seed=block.seed),
+            num_samples=block.samples,
+            max_concurrent_trials=block.max_concurrent,
+            trial_dirname_creator=_dirname,
+        ),
+    )
+
+
+def _restore(tune, experiment: Path, trainable):
+    """Tune's saved stage, or None where it cannot be read back: Tune pickles the stage with
+    references to raysweep's modules, so state saved by another raysweep version may name modules
+    that no longer exist. The stage then starts anew, as after a lost Tune state."""
+    try:
+        return tune.Tuner.restore(
+            str(experiment),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            restart_errored=False,
         )
-    with contextlib.nullcontext() if spec.tracking == "mlflow" else tracking.left_out():
-        tuner.fit()
+    except (ImportError, AttributeError, pickle.UnpicklingError) as error:
+        print(
+            f"[raysweep] {experiment}: Tune's saved state cannot be read back by this raysweep "
+            f"({type(error).__name__}: {error}); the stage starts anew from raysweep's records",
+            flush=True,
+        )
+        return None
 
 
 def _whole_tune_state(experiment: Path) -> bool:

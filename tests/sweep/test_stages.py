@@ -249,6 +249,32 @@ def test_resume_after_a_kill_cut_tunes_state_short(ray_cluster, tmp_path):
     assert len(results) == 3 and results["key"].is_unique and (results["status"] == "ok").all()
 
 
+def test_resume_from_tune_state_another_raysweep_version_wrote(ray_cluster, tmp_path):
+    """Tune pickles a stage with references to raysweep's modules; state from a version whose
+    modules moved cannot be read back, and the stage starts anew from raysweep's records."""
+    cluster, _ = ray_cluster
+    spec = tmp_path / "moved.yaml"
+    spec.write_text(RESUMABLE.replace("max_epochs: 40", "max_epochs: 12"))
+    run_dir = tmp_path / "run"
+    driver = _driver(spec, run_dir, cluster.address)
+    _wait_for(driver, lambda: list((run_dir / "trials").glob("*/result.json")))
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    finished = {p.parent.name: p.read_bytes() for p in (run_dir / "trials").glob("*/result.json")}
+    pickles = list((run_dir / "tune").rglob("tuner.pkl"))
+    assert pickles
+    for pickled in pickles:  # a class from a module this version does not have
+        pickled.write_bytes(b"craysweep.moved_away\nSettings\n.")
+    resumed = _driver(spec, run_dir, cluster.address, "--resume")
+    output = resumed.communicate(timeout=400)[0]
+    assert resumed.returncode == 0, output
+    assert "cannot be read back by this raysweep (ModuleNotFoundError" in output
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert len(results) == 3 and results["key"].is_unique and (results["status"] == "ok").all()
+    # What finished before the kill was not trained again.
+    assert {k: (run_dir / "trials" / k / "result.json").read_bytes() for k in finished} == finished
+
+
 TRACKED = """
 name: tracked
 datasets: [synthetic-chains]
