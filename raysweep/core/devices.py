@@ -26,6 +26,12 @@ EVAL_CHUNK_USERS = {"cuda": 1024, "cpu": 32}
 # CPU this skips most of the [rows, steps, N] logits' padding; on a GPU each group would add
 # kernel launches to a launch-bound step, so it keeps one.
 LENGTH_GROUPS = {"cpu": 4, "cuda": 1}
+# oneDNN's primitive cache and PyTorch's (ideep's) keep up to 1,024 bf16 CPU primitives each, one
+# per operand shape. A batch's shape changes from step to step (the longest window, BERT4Rec's
+# masked count), so they fill with primitives met once: over 1 GB more resident memory for a
+# Beauty BERT4Rec trial, for no speed (benchmarks/README.md). Caching off, unless the
+# environment already says otherwise; read when the process builds its first primitive.
+ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 
 
 def knob(table: dict[str, int], device: torch.device) -> int:
@@ -75,8 +81,11 @@ def use_device(device: torch.device) -> None:
     """Make `device` the current CUDA device (streams, graph captures and the allocator follow the
     current device, not the tensors' one), and let fp32 matmuls use TF32 there: evaluation's fp32
     scores and `amp: false` training lose nothing that ranking or training notices, and run
-    several times faster. (A resume is bit-identical on the CPU, not on CUDA.)"""
+    several times faster. (A resume is bit-identical on the CPU, not on CUDA.) On the CPU: bf16
+    primitives uncached (`ONEDNN_CACHES`)."""
     if device.type != "cuda":
+        for name, value in ONEDNN_CACHES.items():
+            os.environ.setdefault(name, value)
         return
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True

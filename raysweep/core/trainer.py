@@ -26,6 +26,7 @@ from raysweep.core.config import TrialConfig
 from raysweep.core.devices import autocast_for, to_device
 from raysweep.core.errors import Diverged
 from raysweep.core.evaluation import evaluate_split, validation_users
+from raysweep.core.memory import release_freed_memory
 from raysweep.core.negatives import from_source, gbce_beta, position_negatives, shared_negatives
 from raysweep.core.objectives import masked_item_batch, next_item_batch
 from raysweep.core.split import SequenceData
@@ -234,6 +235,7 @@ def fit(
             raise Diverged(epoch, mean_loss)
         trained = time.perf_counter()
         val = evaluate_split(model, cfg, data, "val", val_users, autocast)
+        release_freed_memory(device)
         validated = time.perf_counter()
         elapsed += validated - started
         if val["ndcg@10"] > best_ndcg:  # only a strict improvement counts
