@@ -125,11 +125,9 @@ def sampled_section(run: RunDir, results: pd.DataFrame, pairs: list[tuple[str, s
         except UserError as exc:
             notes.append(f"{dataset}: sampled metrics skipped: its data is not here ({exc})")
             continue
-        n = (
-            int(here["sampled_n"].iloc[0])
-            if "sampled_n" in here and here["sampled_n"].notna().any()
-            else SAMPLED_N
-        )
+        # Records written before raysweep stored sampled_n have none: they drew no negatives.
+        drawn_n = here["sampled_n"].dropna() if "sampled_n" in here else pd.Series(dtype=float)
+        n = int(drawn_n.iloc[0]) if len(drawn_n) else SAMPLED_N
         ranks: dict[str, dict[str, list[np.ndarray]]] = {"full": {}, "uniform": {}, "popularity": {}}
         for label, group in here.groupby("label", sort=False):
             keys = list(group.sort_values("seed")["key"])

@@ -2,6 +2,7 @@
 statistics that must find a planted difference and must not find one between two draws of the
 same model, and the one-file page that shows it all."""
 
+import json
 import math
 import shutil
 import subprocess
@@ -548,3 +549,19 @@ def test_sampled_metrics_can_reverse_an_order_and_the_report_says_so(tmp_path):
     expected = uniform_sampled(np.full(1, 150), np.full(1, 54_000))["ndcg@10"][0]
     assert 0.85 < expected < 0.95  # the planted case is what the docstring says
     assert (run_dir / "report" / "sampled.png").is_file()
+
+
+def test_the_sampled_section_takes_records_from_before_raysweep_stored_sampled_n(tmp_path):
+    """A run resumed across versions holds records whose settings lack `sampled_n` beside records
+    that have it; the report is built from both."""
+    run_dir = tmp_path / "run"
+    old = _fake_trial(run_dir, dict(model="bert4rec"), 0, _draw(20, 40_226, shift=40))
+    _fake_trial(run_dir, dict(loss="ce"), 0, _draw(10, 40_226))
+    record = run_dir / "trials" / old / "result.json"
+    saved = json.loads(record.read_text())
+    del saved["config"]["sampled_n"]
+    record.write_text(json.dumps(saved))
+    RunDir(run_dir).write_results()
+    report.write_report(RunDir(run_dir))
+    section = (run_dir / "report" / "table2.md").read_text().split("## Sampled vs full ranking")[1]
+    assert "beauty, uniform-sampled: this run of SASRec+ beats this run of BERT4Rec by +0." in section
