@@ -244,13 +244,15 @@ def _tune_stage(
     tuner = None
     if resume and tune.Tuner.can_restore(storage / experiment) and _whole_tune_state(storage / experiment):
         tuner = _restore(tune, storage / experiment, trainable)
-    if tuner is None and search is not None and finished:
-        # A run carried from another machine (raysweep.archive): its records are the search.
-        print(f"[raysweep] {stage}: finished before; its best setting is read from the records", flush=True)
-        return
-    if tuner is None and grid is not None and not grid:
-        return
     if tuner is None:
+        if search is not None and finished:
+            # A run carried from another machine (raysweep.archive): its records are the search.
+            print(
+                f"[raysweep] {stage}: finished before; its best setting is read from the records", flush=True
+            )
+            return
+        if grid is not None and not grid:
+            return
         tuner = _new_tuner(trainable, run_config, run, stage, grid, search)
     with contextlib.nullcontext() if spec.tracking == "mlflow" else tracking.left_out():
         tuner.fit()
@@ -263,29 +265,19 @@ def _new_tuner(trainable, run_config, run: RunDir, stage: str, grid, search):
 
     from raysweep.sweep import trainable as glue
 
+    where = {"run_dir": str(run.path), "stage": stage}
     if grid is not None:
-        space = {
-            "trial": tune.grid_search([t.config.to_dict() for t in grid]),
-            "run_dir": str(run.path),
-            "stage": stage,
-        }
         return tune.Tuner(
             trainable,
-            param_space=space,
+            param_space={"trial": tune.grid_search([t.config.to_dict() for t in grid]), **where},
             run_config=run_config,
             tune_config=tune.TuneConfig(trial_dirname_creator=_dirname),
         )
     base, block = search
     fixed = {k: v for k, v in base.config.to_dict().items() if k not in block.space}
-    space = {
-        "trial": fixed,
-        "search": glue.search_space(block.space),
-        "run_dir": str(run.path),
-        "stage": stage,
-    }
     return tune.Tuner(
         trainable,
-        param_space=space,
+        param_space={"trial": fixed, "search": glue.search_space(block.space), **where},
         run_config=run_config,
         tune_config=tune.TuneConfig(
             search_alg=OptunaSearch(metric="best_ndcg@10", mode="max", seed=block.seed),
