@@ -2,10 +2,10 @@
 
 Validates the sweep file and every trial before Ray starts, then runs the sweep as stages on
 Ray Tune (`sweep.stages`): one Optuna search stage per searched dataset x model entry, then the
-seeds stage. Without an address it starts a local single-node Ray (every CPU and GPU here, the
-dashboard on 127.0.0.1, nothing sent beyond this machine); with `--address auto` / RAY_ADDRESS
-it joins a cluster. Run directories go under $RAYSWEEP_RUNS_DIR, else runs/ in the current
-folder, unless the sweep's `results` or --results says otherwise.
+seeds stage. Without an address it starts a local single-node Ray (every GPU here and every CPU
+unless --cpus says fewer, the dashboard on 127.0.0.1, nothing sent beyond this machine); with
+`--address auto` / RAY_ADDRESS it joins a cluster. Run directories go under $RAYSWEEP_RUNS_DIR,
+else runs/ in the current folder, unless the sweep's `results` or --results says otherwise.
 
 Ctrl-C (SIGINT) or SIGTERM stops the running stage as Tune stops (trials stopped, the
 experiment state saved), writes what finished, says the sweep is incomplete and how to resume
@@ -44,10 +44,12 @@ def run_sweep(
     mlflow: bool = False,
     datasets: list[str] | None = None,
     verbose: bool = False,
+    cpus: int | None = None,
 ) -> Path:
     """Run (or resume) a sweep, on `datasets` of its datasets if given; returns its run
     directory. Raises `Interrupted` after a signal, once what finished is saved and reported.
-    `mlflow`: track it with MLflow (`tracking`). `verbose`: the libraries' own log lines too."""
+    `mlflow`: track it with MLflow (`tracking`). `verbose`: the libraries' own log lines too.
+    `cpus`: the CPUs a local Ray may use (all by default), e.g. to leave some to other work."""
     # 1. Read and check everything before anything is started or written.
     spec_path, where = Path(spec_path), str(spec_path)
     spec = restricted(load_spec(spec_path), datasets, where)
@@ -61,7 +63,7 @@ def run_sweep(
     name = spec.name if not datasets else "-".join([spec.name, *(dataset_tag(d) for d in spec.datasets)])
     run = RunDir.checked(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / name)
     local = cluster.is_local(address)
-    cluster.check_resources(spec.resources, where, local)
+    cluster.check_resources(spec.resources, where, local, cpus)
     previous = None
     if resume:  # every record, and the plan, must be readable before Ray starts
         run.load_records()
@@ -91,7 +93,7 @@ def run_sweep(
         try:
             if not verbose:
                 quiet_logs()
-            local = cluster.start_ray(address, verbose)
+            local = cluster.start_ray(address, verbose, cpus)
             if not local:  # trials on other nodes write their records into the run directory
                 cluster.check_shared(run.path)
         except BaseException:
@@ -173,6 +175,8 @@ def resume_command(args: argparse.Namespace) -> str:
         parts += ["--results", str(args.results)]
     if args.address:
         parts += ["--address", args.address]
+    if args.cpus:
+        parts += ["--cpus", str(args.cpus)]
     if args.mlflow:
         parts.append("--mlflow")
     return " ".join(parts)
@@ -207,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DATASET",
         help="run the sweep on these of its datasets only (run directory NAME-DATASET...)",
     )
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="local mode: the CPUs the local Ray may use (default: all), e.g. to leave some to other "
+        "work or to run two sweeps side by side",
+    )
     args = parser.parse_args(argv)
     try:
         run_dir = run_sweep(
@@ -218,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             args.mlflow,
             args.datasets,
             args.verbose,
+            args.cpus,
         )
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT

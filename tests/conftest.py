@@ -50,6 +50,20 @@ def data_env(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def offline_env(tmp_path) -> dict:
+    """A machine without network and without data, as a subprocess's environment: an empty cache
+    (tmp_path / "cache"), no mirror, and a proxy on a closed local port, so a download fails at
+    once (as with no route)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k != "RAYSWEEP_MIRROR"}
+    return env | {"RAYSWEEP_DATA_DIR": str(tmp_path / "cache"), "https_proxy": closed, "HTTPS_PROXY": closed}
+
+
 @pytest.fixture(scope="session")
 def ml1m(data_env):
     """ML-1M, for the few tests that need it (MovieLens may not be redistributed, so it does not

@@ -41,16 +41,26 @@ def check_address(address: str | None) -> None:
         ) from None
 
 
-def check_resources(resources, where: str, local: bool) -> None:
+def machine_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def check_resources(resources, where: str, local: bool, cpus: int | None = None) -> None:
     """A trial's request that no node could ever grant waits forever: refused. In local mode the
-    one node is this machine."""
+    one node is this machine, or the `cpus` of it that --cpus gives the local Ray."""
+    if cpus is not None:
+        if not local:
+            raise UserError("--cpus: only for a local Ray; a cluster's nodes offer their own CPUs")
+        if not 1 <= cpus <= machine_cpus():
+            raise UserError(f"--cpus {cpus}: expected 1 to {machine_cpus()}, the CPUs of this machine")
     if not local:
         return
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if resources.cpus > cpus:
+    have = cpus or machine_cpus()
+    if resources.cpus > have:
+        given = "--cpus gives the local Ray" if cpus else "this machine has"
         raise UserError(
-            f"{where}: resources.cpus: each trial asks for {resources.cpus:g} CPUs and this machine has "
-            f"{cpus}, so no trial could ever start; ask for {cpus} or fewer"
+            f"{where}: resources.cpus: each trial asks for {resources.cpus:g} CPUs and {given} "
+            f"{have}, so no trial could ever start; ask for {have} or fewer"
         )
 
 
@@ -86,9 +96,10 @@ def loopback_only():
                 os.environ[k] = v
 
 
-def start_ray(address: str | None, verbose: bool = True) -> bool:
-    """Join a cluster, or start a local single-node Ray bound to 127.0.0.1. True if local.
-    Without `verbose`, Ray's own driver lines below errors are left out."""
+def start_ray(address: str | None, verbose: bool = True, cpus: int | None = None) -> bool:
+    """Join a cluster, or start a local single-node Ray bound to 127.0.0.1 on `cpus` of this
+    machine's CPUs (all by default). True if local. Without `verbose`, Ray's own driver lines
+    below errors are left out."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address and "ray" not in sys.modules:  # (the switch is read when ray is imported)
         os.environ.setdefault(LOOPBACK_SWITCH, "0")
@@ -109,10 +120,19 @@ def start_ray(address: str | None, verbose: bool = True) -> bool:
     # address="local": a new single-node Ray even if another one runs on this machine.
     with loopback_only():
         context = ray.init(
-            address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=level
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level=level,
         )
     node_ip = ray.util.get_node_ip_address()
-    print(f"[raysweep] local Ray on {node_ip}: dashboard at http://{context.dashboard_url}", flush=True)
+    total = ray.cluster_resources()
+    print(
+        f"[raysweep] local Ray on {node_ip} (CPUs {total.get('CPU', 0):g}, GPUs {total.get('GPU', 0):g}): "
+        f"dashboard at http://{context.dashboard_url}",
+        flush=True,
+    )
     if node_ip != "127.0.0.1":
         print(
             f"[raysweep] warning: Ray's ports listen on {node_ip}, not only on 127.0.0.1 (ray was imported "

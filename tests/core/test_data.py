@@ -168,23 +168,10 @@ def test_cli_bad_input_exits_2(tmp_path):
     ]
 
 
-def _offline(tmp_path) -> dict:
-    """A machine without network and without data: an empty cache, no mirror, and a proxy on a
-    closed local port, so a download fails at once (as with no route)."""
-    import os
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "RAYSWEEP_MIRROR"}
-    return env | {"RAYSWEEP_DATA_DIR": str(tmp_path / "cache"), "https_proxy": closed, "HTTPS_PROXY": closed}
-
-
-def test_offline_a_missing_dataset_names_the_ways_out_and_stats_prints_the_rest(tmp_path):
+def test_offline_a_missing_dataset_names_the_ways_out_and_stats_prints_the_rest(tmp_path, offline_env):
     result = subprocess.run(
         [sys.executable, "-m", "raysweep.data", "stats", "ml-1m", "beauty"],
-        capture_output=True, text=True, env=_offline(tmp_path), timeout=300,
+        capture_output=True, text=True, env=offline_env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2
     assert "beauty" in result.stdout and "353,962 (353,962)" in result.stdout  # bundled: printed

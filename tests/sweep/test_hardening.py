@@ -274,6 +274,47 @@ def test_an_unreachable_cluster_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "cpus, extra, message",
+    [
+        ("0", [], "--cpus 0: expected 1 to"),
+        ("MORE", [], "the CPUs of this machine"),
+        ("1", ["--address", "127.0.0.1:1"], "--cpus: only for a local Ray"),
+        ("1", ["TWO_PER_TRIAL"], "asks for 2 CPUs and --cpus gives the local Ray 1"),
+    ],
+)
+def test_cpus_that_cannot_work_are_one_line_and_write_nothing(tmp_path, cpus, extra, message):
+    from raysweep.sweep.cluster import machine_cpus
+
+    if machine_cpus() < 2:
+        pytest.skip("needs a machine with two CPUs or more")
+    cpus = str(machine_cpus() + 1) if cpus == "MORE" else cpus
+    text = GOOD + ("resources: {cpus: 2}\n" if "TWO_PER_TRIAL" in extra else "")
+    extra = [a for a in extra if a != "TWO_PER_TRIAL"]
+    path = _sweep(tmp_path, text)
+    result = _cli("raysweep.run", path, "--cpus", cpus, *extra, "--results", tmp_path / "run")
+    _one_line(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.sweep
+@pytest.mark.end_to_end
+def test_cpus_one_runs_the_trials_one_after_the_other(tmp_path):
+    """Two one-core trials on a machine of two or more cores run side by side, unless --cpus 1
+    gives the local Ray one core: then one starts after the other ended."""
+    from raysweep.sweep.cluster import machine_cpus
+
+    if machine_cpus() < 2:
+        pytest.skip("needs a machine with two CPUs or more")
+    text = GOOD.replace("models:", "seeds: [0, 1]\nmodels:")
+    result = _cli("raysweep.run", _sweep(tmp_path, text), "--cpus", "1", "--results", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "(CPUs 1, GPUs " in result.stdout
+    records = [json.loads(p.read_text()) for p in (tmp_path / "run" / "trials").glob("*/result.json")]
+    (a, b) = sorted((r["started_at"], r["finished_at"]) for r in records)
+    assert a[1] <= b[0], f"the trials overlapped: {a} and {b}"
+
+
 def test_an_unreadable_record_on_resume_is_one_line_before_ray(tmp_path):
     run_dir = tmp_path / "run"
     path = _sweep(tmp_path, GOOD)
@@ -369,13 +410,11 @@ run.run_sweep({str(spec)!r}, results={str(tmp_path / "run")!r})
     assert out.stdout.strip() == "ray not yet imported", out.stdout + out.stderr
 
 
-def test_a_dry_run_downloads_nothing_and_names_what_is_not_here(tmp_path):
-    from test_data import _offline  # (tests/core is on the path: pytest's rootdir-relative imports)
-
+def test_a_dry_run_downloads_nothing_and_names_what_is_not_here(tmp_path, offline_env):
     path = _sweep(tmp_path, GOOD.replace("[synthetic-chains]", "[synthetic-chains, ml-1m]"))
     result = subprocess.run(
         [sys.executable, "-m", "raysweep.run", str(path), "--dry-run", "--results", str(tmp_path / "r")],
-        capture_output=True, text=True, env=_offline(tmp_path), timeout=300,
+        capture_output=True, text=True, env=offline_env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "downloading" not in result.stderr and not (tmp_path / "cache" / "ml-1m").exists()
