@@ -64,9 +64,9 @@ def run_sweep(
     run = RunDir.checked(results or spec.results or Path(os.environ.get(RUNS_ENV, "runs")) / name)
     local = cluster.is_local(address)
     cluster.check_resources(spec.resources, where, local, cpus)
-    previous = None
+    previous, records = None, None
     if resume:  # every record, and the plan, must be readable before Ray starts
-        run.load_records()
+        records = run.load_records()
         previous = run.read_plan()
     # A dry run downloads nothing: it checks the trials whose data is here, names the rest.
     absent = (
@@ -76,7 +76,7 @@ def run_sweep(
     stages.check_same_data(previous, hashes, run)
     if dry_run:
         print(f"sweep {spec.name}: results in {run}")
-        print(stages.trial_table(spec, trials))
+        print(stages.trial_table(spec, trials, records))
         for name in absent:
             print(f"not on this machine yet: {name} (a run {download_note(name)}; its trials are unchecked)")
         return run.path

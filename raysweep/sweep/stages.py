@@ -23,6 +23,7 @@ from raysweep.core.split import sequence_data
 from raysweep.core.trial import check_fits, check_negatives, load_split
 from raysweep.sweep import faults
 from raysweep.sweep.interrupts import Stop
+from raysweep.sweep.records import TrialRecord
 from raysweep.sweep.rundir import RunDir
 from raysweep.sweep.spec import SweepSpec, Trial, entry_datasets, entry_seeds, entry_trials, stage_name
 
@@ -61,22 +62,29 @@ def check_same_data(plan: dict[str, Any] | None, hashes: dict[str, str], run: Ru
             )
 
 
-def trial_table(spec: SweepSpec, trials: list[Trial]) -> str:
+def trial_table(spec: SweepSpec, trials: list[Trial], records: list[TrialRecord] | None = None) -> str:
     """The dry run's plan: one row per trial, a search stage's row saying how many samples it
-    draws and which seeds its best setting then runs with; columns as wide as their values."""
+    draws and which seeds its best setting then runs with; columns as wide as their values.
+    With `records` (a resume's), a column says what finished before: a trial's status, a
+    search's samples; --resume runs the rest."""
     rows, samples, best = [], 0, 0
+    by_key = {r.key: r for r in records or []}
     for t in trials:
         gpu = 0.0 if t.config.is_bpr else spec.resources.gpus
         seeds = str(t.config.seed)
+        before = by_key[t.key].status if t.key in by_key else ""
         if t.stage != "seeds":
             index = int(t.stage.rsplit("-", 1)[1])
-            chosen = entry_seeds(spec, index)
-            samples += spec.models[index].search.samples
+            chosen, drawn = entry_seeds(spec, index), spec.models[index].search.samples
+            samples += drawn
             best += len(chosen)
-            seeds = f"{spec.models[index].search.samples} samples, then seeds {', '.join(map(str, chosen))}"
+            seeds = f"{drawn} samples, then seeds {', '.join(map(str, chosen))}"
+            before = f"{sum(t.stage in r.stages for r in records or [])} of {drawn} samples"
         resources = f"{spec.resources.cpus:g} CPU {gpu:g} GPU"
-        rows.append((t.stage, t.config.dataset, t.config.label, seeds, resources, t.key))
-    header = ("stage", "dataset", "model", "seeds", "resources", "key")
+        rows.append((t.stage, t.config.dataset, t.config.label, seeds, resources, t.key, before))
+    header = ("stage", "dataset", "model", "seeds", "resources", "key", "before")
+    if records is None:
+        header, rows = header[:-1], [r[:-1] for r in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     searches = sum(t.stage != "seeds" for t in trials)
@@ -87,6 +95,9 @@ def trial_table(spec: SweepSpec, trials: list[Trial]) -> str:
             f", {samples} search samples in {searches} searches, then {best} runs of the best settings "
             "(a seed the best sample already ran is not run again)"
         )
+    if records is not None:
+        done = sum(t.stage == "seeds" and by_key.get(t.key) is not None and by_key[t.key].ok for t in trials)
+        summary += f"; finished before: {done} of the {plain} in the seeds stage"
     return "\n".join([*lines, summary])
 
 

@@ -424,6 +424,19 @@ def test_a_dry_run_downloads_nothing_and_names_what_is_not_here(tmp_path, offlin
     )
 
 
+def test_a_resumes_dry_run_says_which_trials_finished_before(tmp_path):
+    run_dir = _run_dir_with_a_result(tmp_path)  # seed 0 of GOOD's one trial
+    (run_dir / "spec.yaml").write_text(GOOD)
+    path = _sweep(tmp_path, GOOD.replace("models:", "seeds: [0, 1]\nmodels:"))
+    result = _cli("raysweep.run", path, "--resume", "--dry-run", "--results", run_dir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[1].split()[-1] == "before"
+    assert lines[2].split()[-1] == "ok"
+    assert lines[3].split()[-1].startswith("synthetic-chains-sasrec-ce-s1-")  # nothing before: blank
+    assert lines[-1].endswith("; finished before: 1 of the 2 in the seeds stage")
+
+
 def test_the_dry_run_table_counts_search_samples_and_aligns_a_path_dataset(tmp_path):
     own = tmp_path / "a-long-folder-name" / "mine.txt"
     own.parent.mkdir()
