@@ -7,7 +7,23 @@ import pytest
 from scipy import stats
 
 from raysweep.core.split import leave_one_out
-from raysweep.report.sampled import hypergeom_pmf, monte_carlo, negative_pool, uniform_sampled
+from raysweep.report.sampled import SAMPLED_N, hypergeom_pmf, negative_pool, uniform_sampled
+
+
+def monte_carlo(ranks: np.ndarray, pool: np.ndarray, draws: int, seed: int, n: int = SAMPLED_N, k: int = 10):
+    """The same sampled NDCG@k by drawing: for each user and draw, n distinct negatives from the
+    pool (positions 0..r-1 standing for the items above the target), and the target's rank among
+    them. The mean over users and draws: the reference `uniform_sampled` is checked against."""
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for r, p in zip(np.asarray(ranks), np.asarray(pool)):
+        if r > p:
+            continue
+        for _ in range(draws):
+            drawn = rng.choice(p, size=min(n, p), replace=False)
+            rank = int((drawn < r).sum())
+            total += 1.0 / np.log2(rank + 2) if rank < k else 0.0
+    return total / (len(ranks) * draws)
 
 
 def test_the_pmf_is_scipys():
