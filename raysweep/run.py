@@ -7,6 +7,9 @@ unless --cpus says fewer, the dashboard on 127.0.0.1, nothing sent beyond this m
 `--address auto` / RAY_ADDRESS it joins a cluster. Run directories go under $RAYSWEEP_RUNS_DIR,
 else runs/ in the current folder, unless the sweep's `results` or --results says otherwise.
 
+`--extend` resumes with a sweep file that adds trials (more seeds, models, datasets) to the
+run's own.
+
 Ctrl-C (SIGINT) or SIGTERM stops the running stage as Tune stops (trials stopped, the
 experiment state saved), writes what finished, says the sweep is incomplete and how to resume
 it, and exits 130 (SIGINT) or 143 (SIGTERM). A sweep with failed trials exits 1.
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from raysweep.core.config import dataset_tag
 from raysweep.core.data import download_note, is_available
-from raysweep.core.errors import cli
+from raysweep.core.errors import UserError, cli
 from raysweep.sweep import cluster, stages
 from raysweep.sweep.interrupts import Interrupted, Stop
 from raysweep.sweep.rundir import RunDir
@@ -45,11 +48,13 @@ def run_sweep(
     datasets: list[str] | None = None,
     verbose: bool = False,
     cpus: int | None = None,
+    extend: bool = False,
 ) -> Path:
     """Run (or resume) a sweep, on `datasets` of its datasets if given; returns its run
     directory. Raises `Interrupted` after a signal, once what finished is saved and reported.
     `mlflow`: track it with MLflow (`tracking`). `verbose`: the libraries' own log lines too.
-    `cpus`: the CPUs a local Ray may use (all by default), e.g. to leave some to other work."""
+    `cpus`: the CPUs a local Ray may use (all by default), e.g. to leave some to other work.
+    `extend`: resume with a sweep file that adds trials to the run's (`stages.check_extension`)."""
     # 1. Read and check everything before anything is started or written.
     spec_path, where = Path(spec_path), str(spec_path)
     spec = restricted(load_spec(spec_path), datasets, where)
@@ -65,6 +70,13 @@ def run_sweep(
     local = cluster.is_local(address)
     cluster.check_resources(spec.resources, where, local, cpus)
     previous, records = None, None
+    resume = resume or extend
+    if extend:
+        if not run.spec.is_file():
+            raise UserError(f"{run}: --extend adds trials to a run, and no run started here; drop --extend")
+        started = restricted(load_spec(run.spec), datasets, str(run.spec))
+        before, now = stages.check_extension(started, spec, run)
+        print(f"[raysweep] {run}: --extend: {before} Table 2 runs planned before, {now} now", flush=True)
     if resume:  # every record, and the plan, must be readable before Ray starts
         records = run.load_records()
         previous = run.read_plan()
@@ -85,7 +97,7 @@ def run_sweep(
     run.create()
     stop = Stop()
     with run.lock(), stop.installed():
-        fresh = run.prepare(spec_path, resume)
+        fresh = run.prepare(spec_path, resume, extend)
         plan = stages.first_plan(spec, trials, hashes, previous)
         run.write_plan(plan)  # from here on, the report can say what is missing
         if spec.description:
@@ -190,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="finish an interrupted sweep in its run directory"
     )
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="resume with a changed sweep file that only adds trials (seeds, models, datasets) to the "
+        "run; every trial it ran before must keep its settings",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the trial table and exit")
     parser.add_argument(
         "--results",
@@ -230,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             args.datasets,
             args.verbose,
             args.cpus,
+            args.extend,
         )
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT

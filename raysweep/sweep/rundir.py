@@ -138,8 +138,9 @@ class RunDir:
         except OSError as exc:
             raise UserError(f"{self}: cannot create the results directory ({exc.strerror})") from None
 
-    def prepare(self, spec_path: Path, resume: bool) -> bool:
+    def prepare(self, spec_path: Path, resume: bool, extend: bool = False) -> bool:
         """Make sure results can be written before any trial starts; refuse to mix two sweeps.
+        `extend`: the sweep file replaces the run's, once `stages.check_extension` accepted it.
         True if this call started the run directory (wrote its spec.yaml)."""
         started = self.spec.is_file()
         if started and not resume:
@@ -153,9 +154,10 @@ class RunDir:
                 f"{self}: a sweep already ran here and did not finish; pass --resume to finish it, or "
                 "give another run directory (--results DIR)"
             )
-        if started and self.spec.read_bytes() != spec_path.read_bytes():
+        if started and not extend and self.spec.read_bytes() != spec_path.read_bytes():
             raise UserError(
-                f"{self}: the sweep file changed since this run started; resume with the same file"
+                f"{self}: the sweep file changed since this run started; resume with the same file, "
+                "or pass --extend if the new file only adds trials (seeds, models, datasets)"
             )
         try:
             probe = self.path / ".write-probe"
@@ -163,7 +165,7 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise UserError(f"{self}: results directory is not writable ({exc.strerror})") from None
-        if not started:
+        if not started or extend:
             atomic_write(self.spec, lambda tmp: shutil.copyfile(spec_path, tmp))
         for leftover in [*self.path.glob(".*.tmp"), *self.path.glob("trials/*/.*.tmp")]:
             leftover.unlink()  # half-written files of a killed driver or trial; never renamed, never read

@@ -25,7 +25,15 @@ from raysweep.sweep import faults
 from raysweep.sweep.interrupts import Stop
 from raysweep.sweep.records import TrialRecord
 from raysweep.sweep.rundir import RunDir
-from raysweep.sweep.spec import SweepSpec, Trial, entry_datasets, entry_seeds, entry_trials, stage_name
+from raysweep.sweep.spec import (
+    SweepSpec,
+    Trial,
+    entry_datasets,
+    entry_seeds,
+    entry_trials,
+    expand,
+    stage_name,
+)
 
 
 def check_trials(trials: list[Trial], where: str, local: bool) -> dict[str, str]:
@@ -60,6 +68,34 @@ def check_same_data(plan: dict[str, Any] | None, hashes: dict[str, str], run: Ru
                 f"{hashes[name][:12]}, the run's to {digest[:12]}); resume with the data it started with, "
                 "or start a new run"
             )
+
+
+def check_extension(before: SweepSpec, after: SweepSpec, run: RunDir) -> tuple[int, int]:
+    """`--extend`: the new sweep file keeps every trial and search of the run's sweep file as it
+    was (same settings, same stage) and only adds to them: seeds, models, datasets. Returns how
+    many Table 2 runs the run's file planned and how many the new one plans."""
+    old, new = expand(before, str(run.spec)), {t.key: t for t in expand(after, "the new sweep file")}
+    for t in old:
+        if t.key not in new or new[t.key].stage != t.stage:
+            raise UserError(
+                f"{run}: --extend: the new sweep file drops or changes this run's trial {t.key} "
+                f"({t.config.label}, seed {t.config.seed}); --extend only adds trials to a run"
+            )
+    for i, dataset in _searches(before):
+        stage = stage_name(dataset, i)
+        kept = i < len(after.models) and after.models[i].search == before.models[i].search
+        if not kept or not set(entry_seeds(before, i)) <= set(entry_seeds(after, i)):
+            raise UserError(
+                f"{run}: --extend: the new sweep file changes this run's search {stage} (its space, "
+                "samples, seeds or place in the list); --extend only adds trials to a run"
+            )
+    return _runs(before), _runs(after)
+
+
+def _runs(spec: SweepSpec) -> int:
+    """A sweep's Table 2 runs: its grid trials, and each search's best setting at every seed."""
+    grid = sum(t.stage == "seeds" for t in expand(spec, "sweep"))
+    return grid + sum(len(entry_seeds(spec, i)) for i, _ in _searches(spec))
 
 
 def trial_table(spec: SweepSpec, trials: list[Trial], records: list[TrialRecord] | None = None) -> str:

@@ -435,6 +435,61 @@ def test_a_resumes_dry_run_says_which_trials_finished_before(tmp_path):
     assert lines[-1].endswith("; finished before: 1 of the 2 in the seeds stage")
 
 
+SEARCHED = """
+name: t
+datasets: [synthetic-chains]
+settings: {max_epochs: 1, val_users: 100, hidden: 16}
+models:
+  - model: bpr
+    search: {samples: 3, space: {factors: {choice: [8, 16]}}}
+"""
+
+
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        (GOOD.replace("max_epochs: 1", "max_epochs: 2"), "drops or changes this run's trial synthetic-"),
+        (GOOD.replace("sasrec, loss: ce", "sasrec, loss: bce"), "drops or changes this run's trial"),
+        (SEARCHED.replace("samples: 3", "samples: 4"), "changes this run's search search-synthetic-chains-0"),
+        (
+            SEARCHED.replace("models:", "models:\n  - {model: sasrec, loss: ce}"),
+            "drops or changes this run's trial synthetic-chains-bpr-s0-",
+        ),
+    ],
+)
+def test_extend_refuses_a_sweep_file_that_changes_what_ran(tmp_path, changed, message):
+    """--extend adds to a run; a file that would change a finished trial, or a search (its
+    samples, or its place in the list: its stage's name), is refused before anything is written."""
+    run_dir = _run_dir_with_a_result(tmp_path)
+    started = SEARCHED if "bpr" in changed else GOOD
+    (run_dir / "spec.yaml").write_text(started)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    result = _cli("raysweep.run", _sweep(tmp_path, changed), "--extend", "--results", run_dir)
+    _one_line(result, message)
+    assert "--extend only adds trials to a run" in result.stderr
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert (run_dir / "spec.yaml").read_text() == started
+
+
+def test_resume_with_a_changed_file_points_to_extend_and_extend_needs_a_run(tmp_path):
+    run_dir = _run_dir_with_a_result(tmp_path)
+    (run_dir / "spec.yaml").write_text(GOOD)
+    more = _sweep(tmp_path, GOOD.replace("models:", "seeds: [0, 1]\nmodels:"))
+    _one_line(
+        _cli("raysweep.run", more, "--resume", "--results", run_dir),
+        "the sweep file changed since this run started; resume with the same file, or pass --extend",
+    )
+    _one_line(
+        _cli("raysweep.run", more, "--extend", "--results", tmp_path / "new"),
+        "--extend adds trials to a run, and no run started here; drop --extend",
+    )
+    assert not (tmp_path / "new").exists()
+    dry = _cli("raysweep.run", more, "--extend", "--dry-run", "--results", run_dir)
+    assert dry.returncode == 0, dry.stderr
+    assert "--extend: 1 Table 2 runs planned before, 2 now" in dry.stdout
+    assert dry.stdout.strip().endswith("; finished before: 1 of the 2 in the seeds stage")
+
+
 def test_the_dry_run_table_counts_search_samples_and_aligns_a_path_dataset(tmp_path):
     own = tmp_path / "a-long-folder-name" / "mine.txt"
     own.parent.mkdir()

@@ -445,3 +445,33 @@ def test_an_unpacked_archive_resumes_without_training_again(ray_cluster, staged_
     carried = pd.read_parquet(run_dir / "results.parquet").sort_values("key").reset_index(drop=True)
     original = pd.read_parquet(staged_run / "results.parquet").sort_values("key").reset_index(drop=True)
     pd.testing.assert_frame_equal(carried[COMPARED], original[COMPARED])
+
+
+def test_extend_adds_seeds_to_a_finished_run_and_trains_only_them(ray_cluster, staged_run, tmp_path, capsys):
+    """A finished sweep (carried by its archive) extended with a third seed: the search is not
+    sampled again, no finished trial trains again, each model's seed 2 runs (the searched one
+    at the search's best setting), and the run's sweep file is the new one."""
+    from raysweep.sweep import archive
+
+    archive.pack(staged_run, tmp_path / "trials.parquet")
+    run_dir = tmp_path / "carried"
+    archive.unpack(tmp_path / "trials.parquet", run_dir)
+    before = {r.key: r.to_json() for r in RunDir(run_dir).load_records()}
+    more = _spec(tmp_path, STAGED.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    run_sweep(more, extend=True, results=run_dir)
+    out = capsys.readouterr().out
+    assert "--extend: 6 Table 2 runs planned before, 9 now" in out
+    assert "(search-" not in out
+    after = {r.key: r for r in RunDir(run_dir).load_records()}
+    assert {k: after[k].to_json() for k in before} == before  # none trained or rewritten
+    added = [after[k] for k in after.keys() - before.keys()]
+    assert sorted((r.label, r.config["seed"], r.status) for r in added) == [
+        ("GRU4Rec", 2, "ok"),
+        ("SASRec", 2, "ok"),
+        ("SASRec+", 2, "ok"),
+    ]
+    search = [r for r in after.values() if "search-synthetic-chains-2" in r.stages and r.ok]
+    [searched] = [r for r in added if r.label == "SASRec"]
+    assert searched.config["lr"] == max(search, key=lambda r: r.val["ndcg@10"]).config["lr"]
+    assert (run_dir / "spec.yaml").read_bytes() == more.read_bytes()
+    assert json.loads((run_dir / "plan.json").read_text())["complete"] is True
