@@ -460,8 +460,8 @@ models:
 def test_extend_refuses_a_sweep_file_that_changes_what_ran(tmp_path, changed, message):
     """--extend adds to a run; a file that would change a finished trial, or a search (its
     samples, or its place in the list: its stage's name), is refused before anything is written."""
-    run_dir = _run_dir_with_a_result(tmp_path)
-    started = SEARCHED if "bpr" in changed else GOOD
+    run_dir, started = tmp_path / "run", SEARCHED if "bpr" in changed else GOOD
+    run_dir.mkdir()
     (run_dir / "spec.yaml").write_text(started)
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     result = _cli("raysweep.run", _sweep(tmp_path, changed), "--extend", "--results", run_dir)
