@@ -75,7 +75,7 @@ def run_sweep(
         if not run.spec.is_file():
             raise UserError(f"{run}: --extend adds trials to a run, and no run started here; drop --extend")
         started = restricted(load_spec(run.spec), datasets, str(run.spec))
-        before, now = stages.check_extension(started, spec, run)
+        before, now = stages.check_extension(started, spec, trials, run)
         print(f"[raysweep] {run}: --extend: {before} Table 2 runs planned before, {now} now", flush=True)
     if resume:  # every record, and the plan, must be readable before Ray starts
         records = run.load_records()

@@ -70,11 +70,11 @@ def check_same_data(plan: dict[str, Any] | None, hashes: dict[str, str], run: Ru
             )
 
 
-def check_extension(before: SweepSpec, after: SweepSpec, run: RunDir) -> tuple[int, int]:
-    """`--extend`: the new sweep file keeps every trial and search of the run's sweep file as it
-    was (same settings, same stage) and only adds to them: seeds, models, datasets. Returns how
-    many Table 2 runs the run's file planned and how many the new one plans."""
-    old, new = expand(before, str(run.spec)), {t.key: t for t in expand(after, "the new sweep file")}
+def check_extension(before: SweepSpec, after: SweepSpec, trials: list[Trial], run: RunDir) -> tuple[int, int]:
+    """`--extend`: the new sweep file (`after`, expanded into `trials`) keeps every trial and
+    search of the run's sweep file as it was (same settings, same stage) and only adds to them:
+    seeds, models, datasets. Returns how many Table 2 runs each file plans."""
+    old, new = expand(before, str(run.spec)), {t.key: t for t in trials}
     for t in old:
         if t.key not in new or new[t.key].stage != t.stage:
             raise UserError(
@@ -82,19 +82,18 @@ def check_extension(before: SweepSpec, after: SweepSpec, run: RunDir) -> tuple[i
                 f"({t.config.label}, seed {t.config.seed}); --extend only adds trials to a run"
             )
     for i, dataset in _searches(before):
-        stage = stage_name(dataset, i)
         kept = i < len(after.models) and after.models[i].search == before.models[i].search
         if not kept or not set(entry_seeds(before, i)) <= set(entry_seeds(after, i)):
             raise UserError(
-                f"{run}: --extend: the new sweep file changes this run's search {stage} (its space, "
-                "samples, seeds or place in the list); --extend only adds trials to a run"
+                f"{run}: --extend: the new sweep file changes this run's search {stage_name(dataset, i)} "
+                "(its space, samples, seeds or place in the list); --extend only adds trials to a run"
             )
-    return _runs(before), _runs(after)
+    return _runs(before, old), _runs(after, trials)
 
 
-def _runs(spec: SweepSpec) -> int:
+def _runs(spec: SweepSpec, trials: list[Trial]) -> int:
     """A sweep's Table 2 runs: its grid trials, and each search's best setting at every seed."""
-    grid = sum(t.stage == "seeds" for t in expand(spec, "sweep"))
+    grid = sum(t.stage == "seeds" for t in trials)
     return grid + sum(len(entry_seeds(spec, i)) for i, _ in _searches(spec))
 
 
