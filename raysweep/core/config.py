@@ -201,8 +201,6 @@ class TrialConfig(BaseModel):
                 raise ValueError(f"cuda_graphs replays uniform negatives only, not {self.negatives_from!r}")
             if self.loss == "gbce":
                 raise ValueError("cuda_graphs replays bce, ce and sampled_ce steps, not gbce")
-        if self.ce_backend == "torch" and default_ce_backend() != "torch":
-            raise ValueError(f"ce_backend 'torch' needs PyTorch >= 2.13 (this is {torch_version()})")
         if self.model in ("sasrec", "bert4rec") and self.hidden % self.heads:
             raise ValueError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
         try:  # free-form tags travel in records and Tune's JSON: plain JSON values only
@@ -307,12 +305,6 @@ def default_ce_backend() -> str:
     from raysweep.core import full_ce
 
     return full_ce.DEFAULT_BACKEND
-
-
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 # How a trial runs, not what it computes: left out of its key.

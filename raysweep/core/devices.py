@@ -87,7 +87,8 @@ def use_device(device: torch.device) -> None:
         for name, value in ONEDNN_CACHES.items():
             os.environ.setdefault(name, value)
         return
-    torch.cuda.set_device(device)
+    if device.index is not None:  # (an index-less "cuda" is the current device; set_device refuses it)
+        torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 

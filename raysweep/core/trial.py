@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysweep.core.config import TrialConfig
+from raysweep.core.config import TrialConfig, default_ce_backend
 from raysweep.core.data import load_interactions
 from raysweep.core.devices import autocast_for, device_name, precision, resolve_device, use_device
 from raysweep.core.errors import UserError
@@ -148,6 +148,9 @@ def run_trial(
     """Train and test one trial. `gpu_share`: the fraction of a GPU the trial was given (Ray's
     assignment; it must then run on that GPU). `on_step(epoch, done, total)`: progress within
     an epoch. Raises `Diverged` when the training loss turns non-finite."""
+    # Checked here, not in the config: a record written under a newer PyTorch still loads.
+    if cfg.ce_backend == "torch" and default_ce_backend() != "torch":
+        raise UserError(f"setting ce_backend 'torch' needs PyTorch >= 2.13 (this is {torch.__version__})")
     split = load_split(cfg)
     device = torch.device("cpu") if cfg.is_bpr else resolve_device(cfg.device, gpu_assigned=gpu_share > 0)
     use_device(device)

@@ -92,3 +92,27 @@ def test_a_trial_must_fit_its_share_of_a_card_not_the_whole_card():
         for c in (cfg, graphed)
     ]
     assert sizes[1] > sizes[0]  # the graphs' pool holds a step's activations too
+
+
+def test_an_index_less_cuda_device_is_left_current_and_an_indexed_one_is_made_current(monkeypatch):
+    from raysweep.core import devices
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    devices.use_device(torch.device("cuda"))  # (PyTorch 2.11's set_device raises on it)
+    devices.use_device(torch.device("cuda", 1))
+    assert made_current == [torch.device("cuda", 1)]
+
+
+def test_a_record_from_a_newer_pytorch_loads_and_its_trial_refuses_before_any_work(monkeypatch):
+    from raysweep.core import config, trial
+
+    for module in (config, trial):  # as under PyTorch 2.11
+        monkeypatch.setattr(module, "default_ce_backend", lambda: "raysweep")
+    monkeypatch.setattr(trial, "load_split", lambda cfg: pytest.fail("data loaded before the check"))
+    cfg = TrialConfig.from_dict(
+        dict(dataset="synthetic-chains", model="sasrec", loss="ce", ce_backend="torch")
+    )
+    assert cfg.ce_backend == "torch"  # a record written under PyTorch 2.13 reads back as written
+    with pytest.raises(UserError, match=r"^setting ce_backend 'torch' needs PyTorch >= 2.13 \(this is "):
+        trial.run_trial(cfg)
