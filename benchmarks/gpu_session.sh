@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Every GPU figure in one run of about ten minutes, on a machine with a CUDA GPU (Ray not needed:
 # trials run as `python -m raysweep.train` processes). Usage: bash benchmarks/gpu_session.sh all
-# (or `speed`, or `table2`). Steps, in order: the GPU tests, seconds per epoch eager and with CUDA
+# (or `speed`, `table2`, or `finish`). Steps, in order: the GPU tests, seconds per epoch eager and with CUDA
 # graphs, chunked vs plain CE, Table 2 of ML-1M + Beauty on one card (benchmarks/one_card.py;
 # each step replayed as a CUDA graph if a graphed SASRec+ trial first learns the planted order,
 # GRAPHS=auto; GRAPHS=1 or 0 decides without the check), and several trials per card. Each part
 # ends within its BUDGET seconds (speed 280, table2 420, all 580), each step within its own cap;
 # a step cut by its cap keeps what it printed. Each step's output lands in $OUT/NAME.txt.
+# `finish` (BUDGET 330) finishes the committed ML-1M and Beauty sweep runs on the card instead:
+# each archive (docs/results/NAME/trials.parquet) unpacked, the trials its sweep file still lacks run
+# side by side (benchmarks/one_card.py --grid-only), the records packed into $OUT/NAME_trials.parquet
+# (a trial cut by the budget is left out; the next run of `finish` or the CPU sweep's --resume runs it).
 # Without internet there, run benchmarks/gpu_bundle.sh first and copy .gpu-bundle/ along.
 # DEVICE=cpu QUICK=1 runs the same steps on tiny shapes: a check of this script on a CPU machine.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh speed|table2|all}
-case $part in speed) default=280 ;; table2) default=420 ;; all) default=580 ;; *) echo "unknown part $part" >&2; exit 2 ;; esac
+part=${1:?usage: gpu_session.sh speed|table2|all|finish}
+case $part in speed) default=280 ;; table2) default=420 ;; all) default=580 ;; finish) default=330 ;; *) echo "unknown part $part" >&2; exit 2 ;; esac
 BUDGET=${BUDGET:-$default}
 deadline=$((SECONDS + BUDGET))
 OUT=${OUT:-results/gpu-session}
@@ -77,19 +81,7 @@ step() {  # step NAME CAP NEEDS COMMAND...: at most CAP seconds (less if the bud
   echo "== $name: $how after $((SECONDS - began)) s" | tee -a "$OUT/$name.txt"
 }
 
-if [ "$DEVICE" = cuda ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  graphs=(--cuda-graphs)  # an eager step is launch-bound on a GPU: each step as one CUDA graph
-else
-  graphs=()  # (CUDA graphs need CUDA: on the CPU this step repeats the eager one)
-fi
-python3 -c "import torch; print('torch', torch.__version__)"
-if [ "$part" != table2 ]; then
-  step gpu_tests 110 pytest,torch,numpy,pandas,pyarrow,pydantic,yaml python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py
-  step speed 90 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/speed.py --device "$DEVICE" "${speed[@]}"
-  step speed_graphs 80 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/speed.py --device "$DEVICE" "${graphs[@]}" "${speed[@]}"
-fi
-if [ "$part" != speed ]; then
+decide_graphs() {  # GRAPHS=auto: 1 if a graphed SASRec+ trial learns the planted order on this card
   GRAPHS=${GRAPHS:-auto}
   if [ "$GRAPHS" = auto ] && [ "$DEVICE" = cuda ]; then
     step graphs_check 40 pytest,torch,numpy,pandas,pyarrow,pydantic,yaml python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py \
@@ -97,8 +89,44 @@ if [ "$part" != speed ]; then
     GRAPHS=0
     grep -q "1 passed" "$OUT/graphs_check.txt" && GRAPHS=1
   fi
+  echo "== trials with CUDA graphs: $([ "$GRAPHS" = 1 ] && echo yes || echo no)"
+}
+
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  graphs=(--cuda-graphs)  # an eager step is launch-bound on a GPU: each step as one CUDA graph
+else
+  graphs=()  # (CUDA graphs need CUDA: on the CPU this step repeats the eager one)
+fi
+python3 -c "import torch; print('torch', torch.__version__)"
+if [ "$part" = speed ] || [ "$part" = all ]; then
+  step gpu_tests 110 pytest,torch,numpy,pandas,pyarrow,pydantic,yaml python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py
+  step speed 90 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/speed.py --device "$DEVICE" "${speed[@]}"
+  step speed_graphs 80 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/speed.py --device "$DEVICE" "${graphs[@]}" "${speed[@]}"
+fi
+if [ "$part" = finish ]; then
+  rm -rf /tmp/finish && mkdir -p /tmp/finish
+  for name in ml-1m beauty; do
+    python3 -m raysweep.archive unpack "docs/results/$name/trials.parquet" "/tmp/finish/$name" || exit 1
+  done
+  # ML-1M once, before the trials that share it read it
+  python3 -c "from raysweep.core.data import get_dataset; get_dataset('ml-1m')" || exit 1
+  # Both runs at once, each trial of both in a process of its own.
+  both='python3 benchmarks/one_card.py sweeps/ml-1m.yaml --datasets ml-1m "$@" --concurrent "${ML1M_AT_ONCE:-9}" --out /tmp/finish/ml-1m &
+    python3 benchmarks/one_card.py sweeps/beauty.yaml --datasets beauty "$@" --concurrent "${BEAUTY_AT_ONCE:-7}" --out /tmp/finish/beauty &
+    wait'
+  finish_args=(--grid-only --device "$DEVICE")
+  decide_graphs
+  [ "$GRAPHS" = 1 ] && finish_args+=(--cuda-graphs)
+  step finish $((deadline - SECONDS - 20)) torch,numpy,pandas,pyarrow,pydantic,yaml bash -c "$both" finish "${finish_args[@]}"
+  for name in ml-1m beauty; do
+    python3 -m raysweep.archive pack "/tmp/finish/$name" "$OUT/${name}_trials.parquet"
+  done
+  exit 0
+fi
+if [ "$part" != speed ]; then
+  decide_graphs
   [ "$GRAPHS" = 1 ] && table2+=(--cuda-graphs)
-  echo "== table2 with CUDA graphs: $([ "$GRAPHS" = 1 ] && echo yes || echo no)"
   step chunked_ce 60 torch,numpy,pandas,pyarrow,pydantic,yaml python3 benchmarks/chunked_ce.py --device "$DEVICE" "${chunked[@]}"
   rm -rf /tmp/table2-one-card
   # Table 2 takes what is left but 60 s, which packing gets (more, if Table 2 ends early).

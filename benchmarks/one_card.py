@@ -1,7 +1,7 @@
 """Table 2 on one card: a sweep's trials as `raysweep.train` processes sharing one device.
 
     python benchmarks/one_card.py [SWEEP=sweeps/table2.yaml] [--datasets ml-1m beauty] [--concurrent 4]
-                                  [--device cuda] [--max-epochs E] [--cuda-graphs] [--out DIR]
+                                  [--device cuda] [--max-epochs E] [--cuda-graphs] [--grid-only] [--out DIR]
 
 The trials of a grid sweep file (by default the paper's Table 2, on the datasets named, by
 default ML-1M and Beauty), `--concurrent` processes at a time, the longest first, the
@@ -12,7 +12,11 @@ run-directory layout, so the same results.parquet, Table 2 and Figure 1 come out
 grid's wall-clock (the target: ML-1M + Beauty Table 2 in <= 10 minutes on one card). BPR-MF
 needs `implicit`; without it its rows are reported as skipped.
 An entry with an Optuna search runs at its base settings (searching needs the sweep driver,
-`python -m raysweep.run`).
+`python -m raysweep.run`), or is left out with `--grid-only`.
+
+To finish a sweep run on a card, unpack its archive into OUT and run its own sweep file there
+with `--grid-only`: the trial keys leave the device out, so only the trials not yet recorded
+run, and `python -m raysweep.archive pack OUT FILE` carries their records back.
 """
 
 from __future__ import annotations
@@ -39,7 +43,12 @@ from raysweep.sweep.spec import entry_datasets, entry_seeds, entry_trials, expan
 
 
 def trials(
-    sweep: Path, datasets: list[str] | None, device: str, max_epochs: int | None, cuda_graphs: bool = False
+    sweep: Path,
+    datasets: list[str] | None,
+    device: str,
+    max_epochs: int | None,
+    cuda_graphs: bool = False,
+    grid_only: bool = False,
 ) -> list[TrialConfig]:
     """The sweep's trials on `datasets`, longest first (long sequences, BERT4Rec's doubled budget)."""
     spec = load_spec(sweep)
@@ -47,9 +56,14 @@ def trials(
         spec = spec.model_copy(update={"datasets": datasets})
     grid = [t.config for t in expand(spec, str(sweep)) if t.stage == "seeds"]
     # An Optuna search needs Tune (python -m raysweep.run); here a searched entry runs at the
-    # settings its search starts from, with its seeds.
+    # settings its search starts from, with its seeds, unless `grid_only` leaves it out.
     for i, entry in enumerate(spec.models):
-        if entry.search is not None:
+        if entry.search is not None and grid_only:
+            print(
+                f"[one_card] {entry.model}: left out (--grid-only; its seeds follow an Optuna search)",
+                flush=True,
+            )
+        elif entry.search is not None:
             for dataset in entry_datasets(spec, i):
                 print(
                     f"[one_card] {stage_name(dataset, i)}: no Optuna search without Ray; "
@@ -131,6 +145,8 @@ def run_all(
             print(f"[one_card] start {cfg.dataset} {cfg.label}", flush=True)
         time.sleep(0.2)
         for process in [p for p in running if p.poll() is not None]:
+            if process.returncode != 0 and stop.is_set():
+                continue  # ended by the same stop (a signal to the process group): unfinished, not failed
             cfg, work, began, log = running.pop(process)
             rec, history, ranks = record(
                 cfg, work, began, process.returncode, log, dict(concurrent=concurrent, cpu_threads=threads)
@@ -166,10 +182,16 @@ def main() -> int:
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="the sequential trials' steps as CUDA graphs"
     )
+    parser.add_argument(
+        "--grid-only",
+        action="store_true",
+        help="leave out entries with an Optuna search (to finish an unpacked sweep run: their seeds "
+        "need the search's best settings, which only python -m raysweep.run finds)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/table2-one-card"))
     args = parser.parse_args()
     run_dir = args.out.resolve()
-    grid = trials(args.sweep, args.datasets, args.device, args.max_epochs, args.cuda_graphs)
+    grid = trials(args.sweep, args.datasets, args.device, args.max_epochs, args.cuda_graphs, args.grid_only)
     skipped = [c for c in grid if c.is_bpr and importlib.util.find_spec("implicit") is None]
     todo = [
         c
