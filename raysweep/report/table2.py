@@ -130,9 +130,30 @@ def protocol_gap(group: pd.DataFrame) -> str:
     return ", ".join(gaps)
 
 
+def device_label(device: object) -> str:
+    """'cpu' -> 'CPU', 'cuda:0 (NVIDIA H200)' -> 'NVIDIA H200'."""
+    text = str(device) if pd.notna(device) else "unknown device"
+    inside = re.search(r"\((.+)\)$", text)
+    return inside.group(1) if inside else text.upper() if text == "cpu" else text
+
+
+def by_device(group: pd.DataFrame, column: str, digits: int, thousands: str = "") -> str:
+    """'CPU 6457.9 ± 1242.6 (2); NVIDIA H200 236.0 (1)': a row whose seeds ran on different devices
+    states time and memory per device, since a mean over them describes neither."""
+    parts = []
+    for device, values in group.groupby(group["device"].map(device_label), sort=True)[column]:
+        values = values.astype(float).dropna()
+        if len(values):
+            spread = _spread(values.std(), digits) if len(values) > 1 else ""
+            parts.append(f"{device} {values.mean():{thousands}.{digits}f}{spread} ({len(values)})")
+    return "; ".join(parts)
+
+
 def table2(results: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset x model: each column's mean and std over seeds, the paper's value and
-    the relative difference (raw numbers; `table2_markdown` formats them), peak memory, verdict."""
+    the relative difference (raw numbers; `table2_markdown` formats them), peak memory, verdict.
+    Where a row's seeds ran on different devices, its time and memory are NaN and said per device
+    in the "... by device" columns."""
     rows = []
     ok = table2_rows(results)
     for (dataset, label), group in ok.groupby(["dataset", "label"], sort=False) if len(ok) else []:
@@ -151,6 +172,15 @@ def table2(results: pd.DataFrame) -> pd.DataFrame:
             group["peak_memory_mb"].astype(float) if "peak_memory_mb" in group else pd.Series(dtype=float)
         )
         row["Peak memory (MB)"] = memory.mean() if memory.notna().any() else float("nan")
+        if "device" in group and group["device"].map(device_label).nunique() > 1:
+            for column, name, digits, thousands in (
+                ("train_seconds", "Training time (s)", 1, ""),  # (as the other rows show them)
+                ("peak_memory_mb", "Peak memory (MB)", 0, ","),
+            ):
+                row[name] = row[f"{name} std"] = float("nan")
+                row[f"{name} by device"] = (
+                    by_device(group, column, digits, thousands) if column in group else ""
+                )
         gap = protocol_gap(group) if paper else ""
         row["Verdict"] = f"not comparable: {gap}" if gap else _verdict(group, paper) if paper else ""
         rows.append(row)
@@ -208,13 +238,22 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
         }
         cells = {name: _cell(row, name, d) for name, d in digits.items()}
         memory = row["Peak memory (MB)"]
+        if isinstance(row.get("Training time (s) by device"), str):  # seeds on different devices
+            theirs = row["Training time (s) paper"]
+            paper = "" if math.isnan(theirs) else f" (paper {theirs:g})"
+            cells["Training time (s)"] = row["Training time (s) by device"] + paper
+            memory = row["Peak memory (MB) by device"]
         rows.append(
             {
                 "Dataset": row["Dataset"],
                 "Model": row["Model"],
                 "Seeds": row["Seeds"],
                 **cells,
-                "Peak memory (MB)": "" if math.isnan(memory) else f"{memory:,.0f}",
+                "Peak memory (MB)": memory
+                if isinstance(memory, str)
+                else ""
+                if math.isnan(memory)
+                else f"{memory:,.0f}",
                 "Verdict": row["Verdict"],
             }
         )

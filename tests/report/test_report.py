@@ -463,6 +463,31 @@ def test_a_verdict_knows_its_noise():
     assert verdict([0.0330, 0.0331]) == "2 seeds: within 5%"
 
 
+def test_a_row_whose_seeds_ran_on_different_devices_states_time_and_memory_per_device():
+    """Two seeds on the CPU, one on a card: a mean time over them describes neither device."""
+    from raysweep.report.table2 import formatted, table2
+
+    rows = [
+        {**SASREC_PLUS_BEAUTY, "seed": 0, "device": "cpu", "train_seconds": 1000.0, "peak_memory_mb": 700.0},
+        {**SASREC_PLUS_BEAUTY, "seed": 1, "device": "cpu", "train_seconds": 1400.0, "peak_memory_mb": 900.0},
+        {
+            **SASREC_PLUS_BEAUTY,
+            "seed": 2,
+            "device": "cuda (NVIDIA H200)",
+            "train_seconds": 50.0,
+            "peak_memory_mb": np.nan,
+        },
+    ]
+    table = table2(pd.DataFrame(rows))
+    assert np.isnan(table["Training time (s)"].item()) and np.isnan(table["Peak memory (MB)"].item())
+    shown = formatted(table).iloc[0]
+    assert shown["Training time (s)"] == "CPU 1200.0 ± 282.8 (2); NVIDIA H200 50.0 (1) (paper 332)"
+    assert shown["Peak memory (MB)"] == "CPU 800 ± 141 (2)"  # (the card's peak was not recorded)
+    one_device = formatted(table2(pd.DataFrame(rows[:2]))).iloc[0]
+    assert one_device["Training time (s)"] == "1200.0 ± 282.8 (paper 332)"
+    assert one_device["Peak memory (MB)"] == "800"
+
+
 def _runs_of(method_shift: int, seed_shifts: list[int], users: np.ndarray, rng) -> list[np.ndarray]:
     """One rank array per seed: each user's own difficulty, the method's and the seed's shift of
     every rank, and a little noise per user and seed."""
