@@ -10,7 +10,7 @@ import re
 import pandas as pd
 
 from raysweep.report.paper import paper_row
-from raysweep.report.table2 import order, table2_rows
+from raysweep.report.table2 import device_label, order, table2_rows
 from raysweep.sweep.rundir import RunDir
 
 REFERENCES = {"SASRec+": ("-", "C1"), "SASRec": ("--", "C2"), "BERT4Rec": (":", "C3")}
@@ -98,19 +98,42 @@ def figure2(results: pd.DataFrame) -> bytes | None:
 
 
 def _memory_panel(ax, rows: pd.DataFrame, dataset: str, ticker) -> None:
-    """NDCG@10 against peak memory, a labelled point per model. Labels point inward (left of the
-    points in the right half) so they stay inside the axes; a log axis only where memory spans
-    a decade or more, else a linear one with a few round ticks."""
+    """NDCG@10 against peak memory, a labelled point per model, a marker per device where trials
+    ran on more than one (a CPU's resident set and a GPU's memory are different budgets). Labels
+    point inward (left of the points in the right half) so they stay inside the axes; a log axis
+    only where memory spans a decade or more, else a linear one with a few round ticks."""
+    from matplotlib.lines import Line2D
+
+    devices = rows["device"].map(device_label) if "device" in rows else pd.Series("", index=rows.index)
+    markers = dict(zip(sorted(devices.unique()), "o^sDv*"))
     means = rows.groupby("label")[["peak_memory_mb", "test_ndcg@10"]].mean()
     low, high = means["peak_memory_mb"].min(), means["peak_memory_mb"].max()
     for label, group in rows.groupby("label"):
-        ax.scatter(group["peak_memory_mb"], group["test_ndcg@10"], s=18)
+        color = None  # one colour per model, whatever its devices
+        for device, part in group.groupby(devices[group.index]):
+            points = ax.scatter(
+                part["peak_memory_mb"], part["test_ndcg@10"], s=18, marker=markers[device], color=color
+            )
+            color = points.get_facecolor()[0]
         x, y = means.loc[label]
         right = high > low and (x - low) / (high - low) > 0.5
         ax.annotate(
             label, (x, y), xytext=(-4 if right else 4, 3), textcoords="offset points",
             ha="right" if right else "left", fontsize=6,
         )  # fmt: skip
+    if len(markers) > 1:
+        kinds = [
+            Line2D(
+                [],
+                [],
+                marker=m,
+                linestyle="",
+                color="gray",
+                label=f"{d}: {'resident set' if d == 'CPU' else 'device'}",
+            )
+            for d, m in markers.items()
+        ]
+        ax.legend(handles=kinds, fontsize=6, loc="lower right")
     ax.set(xlabel="peak memory (MB)", ylabel="test NDCG@10", title=f"{dataset}: quality per memory")
     if high >= 10 * low:
         ax.set_xscale("log")
