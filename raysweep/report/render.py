@@ -132,7 +132,10 @@ def sweep_header(run: RunDir, ok: pd.DataFrame, plan: dict[str, Any] | None) -> 
         stage.get("samples", 0) if stage.get("kind") == "search" else len(stage.get("trials", []))
         for stage in (plan or {}).get("stages", {}).values()
     )
-    finished = int((ok["status"] == "ok").sum()) if len(ok) else 0
+    done = ok[ok["status"] == "ok"] if len(ok) else ok
+    # A trial that two stages share (a search sample that is also a seed's run) counts in both,
+    # as the plan counts it.
+    finished = int(done["stages"].str.count(",").add(1).sum()) if "stages" in done else len(done)
     hours = float(ok["train_seconds"].sum()) / 3600 if len(ok) and "train_seconds" in ok else 0.0
     resources = f"{spec.resources.cpus:g} CPU and {spec.resources.gpus:g} GPU per trial"
     lines = [f"**Sweep `{spec.name}`**" + (f": {spec.description.strip()}" if spec.description else "")]

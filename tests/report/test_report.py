@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import NEEDS_RAY
+from conftest import NEEDS_RAY, ROOT
 
 from raysweep.core.config import TrialConfig, trial_key
 from raysweep.core.metrics import mean_metrics
@@ -590,3 +590,24 @@ def test_the_sampled_section_takes_records_from_before_raysweep_stored_sampled_n
     report.write_report(RunDir(run_dir))
     section = (run_dir / "report" / "table2.md").read_text().split("## Sampled vs full ranking")[1]
     assert "beauty, uniform-sampled: this run of SASRec+ beats this run of BERT4Rec by +0." in section
+
+
+def test_a_search_sample_that_is_also_a_seeds_run_counts_in_both_stages(tmp_path):
+    """BPR-MF's seed 0 at the searched settings is one of its search's samples: one record, planned
+    twice. A complete sweep says so, not "3 of 4"."""
+    shutil.copyfile(ROOT / "sweeps" / "ml-1m.yaml", tmp_path / "spec.yaml")
+    plan = {
+        "stages": {
+            "search-ml-1m-1": {"kind": "search", "samples": 2, "trials": []},
+            "seeds": {"kind": "seeds", "trials": [{"key": "b"}, {"key": "c"}]},
+        }
+    }
+    ok = pd.DataFrame(
+        {"key": ["a", "b", "c"], "stages": ["search-ml-1m-1", "search-ml-1m-1,seeds", "seeds"]}
+    ).assign(status="ok", train_seconds=3600.0)
+    header = "\n".join(report.sweep_header(RunDir(tmp_path), ok, plan))
+    assert "; 4 of 4 planned trials finished, 3.0 hours of training in all." in header
+    failed = ok.assign(status=["ok", "ok", "failed"])
+    assert "; 3 of 4 planned trials finished" in "\n".join(
+        report.sweep_header(RunDir(tmp_path), failed, plan)
+    )
