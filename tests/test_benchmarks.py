@@ -1,6 +1,7 @@
 """The one-card Table 2 runner (benchmarks/one_card.py), on synthetic data on the CPU."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -92,14 +93,18 @@ def test_one_card_stopped_ends_its_trials_and_reports_the_finished_ones(tmp_path
         "--out",
         str(run_dir),
     ]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines = []
     for line in process.stdout:  # the first trial to finish; BERT4Rec (60 epochs) is still running then
         lines.append(line)
         if line.startswith("[one_card] done"):
             break
     assert _processes_mentioning(str(run_dir / "work")), "a trial process should be running"
-    process.send_signal(signal.SIGTERM)
+    # As a time cap does it: SIGTERM to the whole process group, the trial processes too, so a
+    # trial may end before the runner sees the stop; it is unfinished, not failed.
+    os.killpg(process.pid, signal.SIGTERM)
     out = "".join(lines) + process.stdout.read()
     assert process.wait(timeout=60) == 143, out
     assert "STOPPED after" in out and "trials unfinished" in out
@@ -161,3 +166,56 @@ def test_one_cards_command_line_gives_raysweep_train_the_trials_every_setting(tm
     args = vars(train._parser().parse_args(argv))
     args.pop("out")
     assert TrialConfig.from_dict(args) == cfg
+
+
+def test_grid_only_finishes_a_sweep_run_with_the_keys_it_recorded_on_another_device():
+    """The committed Beauty run trained mostly on a CPU: its sweep file on a card gives the same trial
+    keys (the key leaves the device out), so an unpacked archive runs only what it lacks; BPR-MF,
+    whose seeds follow its Optuna search, is left out rather than run at its base settings."""
+    from raysweep.core.config import trial_key
+
+    one_card = load_benchmark("one_card")
+    sweep = ROOT / "sweeps" / "beauty.yaml"
+    on_card = one_card.trials(sweep, ["beauty"], "cuda", None, cuda_graphs=True, grid_only=True)
+    archive = pd.read_parquet(
+        ROOT / "docs" / "results" / "beauty" / "results.parquet", columns=["key", "stages"]
+    )
+    recorded = set(archive.loc[archive["stages"].str.contains("seeds"), "key"])
+    keys = {trial_key(c) for c in on_card}
+    assert len(on_card) == 20 and not any(c.is_bpr for c in on_card)
+    assert all(c.device == "cuda" and c.cuda_graphs for c in on_card)
+    assert keys == {k for k in recorded if "-bpr-" not in k}
+    with_search = one_card.trials(sweep, ["beauty"], "cuda", None)
+    assert sum(c.is_bpr for c in with_search) == 5  # at its base settings, keys no run recorded
+    assert not {trial_key(c) for c in with_search if c.is_bpr} & recorded
+
+
+def test_a_trial_that_a_stop_ended_is_left_unfinished_not_recorded_as_failed(tmp_path):
+    """A time cap signals the whole process group: a trial process may be dead (SIGTERM, exit -15)
+    by the time the runner sees the stop. It stays among the running, for the rerun, and no
+    failed record is written for it."""
+    from raysweep.core.config import TrialConfig
+
+    one_card = load_benchmark("one_card")
+
+    class Ended:  # a trial process the stop's signal has already ended
+        returncode = -15
+
+        def poll(self):
+            return self.returncode
+
+    class StopDuringTheWait:  # the signal lands while the runner sleeps between polls
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 1
+
+    cfg = TrialConfig.from_dict(dict(dataset="synthetic-chains", model="sasrec", loss="ce"))
+    log = tmp_path / "train.log"
+    log.write_text("Terminated\n")
+    trial = Ended()
+    running = {trial: (cfg, tmp_path, 0.0, log)}
+    run_dir = tmp_path / "run"
+    assert one_card.run_all([], running, run_dir, {}, 1, 1, 0.0, StopDuringTheWait()) is False
+    assert trial in running and not (run_dir / "trials").exists()
