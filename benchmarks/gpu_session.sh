@@ -115,7 +115,7 @@ if [ "$part" = finish ]; then
   both='python3 benchmarks/one_card.py sweeps/ml-1m.yaml --datasets ml-1m "$@" --concurrent "${ML1M_AT_ONCE:-9}" --out /tmp/finish/ml-1m &
     python3 benchmarks/one_card.py sweeps/beauty.yaml --datasets beauty "$@" --concurrent "${BEAUTY_AT_ONCE:-7}" --out /tmp/finish/beauty &
     wait'
-  finish_args=(--grid-only --device "$DEVICE")
+  finish_args=(--grid-only --no-report --device "$DEVICE")  # (the report is rebuilt where the archive lands)
   decide_graphs
   [ "$GRAPHS" = 1 ] && finish_args+=(--cuda-graphs)
   step finish $((deadline - SECONDS - 20)) torch,numpy,pandas,pyarrow,pydantic,yaml bash -c "$both" finish "${finish_args[@]}"

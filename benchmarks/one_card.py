@@ -1,7 +1,8 @@
 """Table 2 on one card: a sweep's trials as `raysweep.train` processes sharing one device.
 
     python benchmarks/one_card.py [SWEEP=sweeps/table2.yaml] [--datasets ml-1m beauty] [--concurrent 4]
-                                  [--device cuda] [--max-epochs E] [--cuda-graphs] [--grid-only] [--out DIR]
+                                  [--device cuda] [--max-epochs E] [--cuda-graphs] [--grid-only] [--no-report]
+                                  [--out DIR]
 
 The trials of a grid sweep file (by default the paper's Table 2, on the datasets named, by
 default ML-1M and Beauty), `--concurrent` processes at a time, the longest first, the
@@ -188,6 +189,12 @@ def main() -> int:
         help="leave out entries with an Optuna search (to finish an unpacked sweep run: their seeds "
         "need the search's best settings, which only python -m raysweep.run finds)",
     )
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="leave the report to be built elsewhere (a large run's paired tests take minutes of CPU "
+        "while the card waits)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/table2-one-card"))
     args = parser.parse_args()
     run_dir = args.out.resolve()
@@ -236,6 +243,9 @@ def main() -> int:
         )
     if not (run_dir / "results.parquet").is_file():
         print("no trial has finished: nothing to report")
+        return 0 if stopped is None else 143
+    if args.no_report:
+        print(f"report left out (--no-report): python -m raysweep.report {run_dir}")
         return 0 if stopped is None else 143
     try:  # the report needs scipy and matplotlib, which a bare GPU image may lack
         from raysweep.report.render import write_report

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,8 +56,10 @@ def test_one_card_runs_the_grid_records_failures_and_resumes(tmp_path):
         p.parent.name: json.loads(p.read_text())["finished_at"] for p in run_dir.glob("trials/*/result.json")
     }
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    shutil.rmtree(run_dir / "report")
+    again = subprocess.run(cmd + ["--no-report"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "report left out (--no-report)" in again.stdout and not (run_dir / "report").exists()
     assert "10 trials (9 already recorded" in again.stdout
     assert again.stdout.count("[one_card] start") == 1  # only the failed trial runs again
     for key, when in finished.items():
