@@ -238,6 +238,7 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
         }
         cells = {name: _cell(row, name, d) for name, d in digits.items()}
         memory = row["Peak memory (MB)"]
+        memory = "" if math.isnan(memory) else f"{memory:,.0f}"
         if isinstance(row.get("Training time (s) by device"), str):  # seeds on different devices
             theirs = row["Training time (s) paper"]
             paper = "" if math.isnan(theirs) else f" (paper {theirs:g})"
@@ -249,11 +250,7 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
                 "Model": row["Model"],
                 "Seeds": row["Seeds"],
                 **cells,
-                "Peak memory (MB)": memory
-                if isinstance(memory, str)
-                else ""
-                if math.isnan(memory)
-                else f"{memory:,.0f}",
+                "Peak memory (MB)": memory,
                 "Verdict": row["Verdict"],
             }
         )
